@@ -1,0 +1,201 @@
+"""One frozen dataclass per params.yaml section, loaded strictly.
+
+A stage loads exactly the section(s) that dvc.yaml lists under its ``params:``, so DVC's view of
+what a stage depends on and what the code reads cannot drift apart. Unknown keys are errors:
+a typo in params.yaml must fail loudly rather than silently train with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the schema; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    videos_per_class: int = 16
+    frames: int = 32
+    size: int = 64
+    fps: int = 25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "demo"  # demo | ucf101 | hmdb51 | folder | csv
+    root: str | None = None  # video root (ucf101, hmdb51, folder; csv relative paths)
+    splits_dir: str | None = None  # official split files (ucf101, hmdb51)
+    splits: tuple[int, ...] = (1,)
+    csv: str | None = None
+    group_pattern: str | None = None
+    test_fraction: float = 0.3
+    seed: int = 0
+    probe_workers: int = 0  # 0 = every core
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    num_frames: int = 25  # N sampled points per video (TS-LSTM, TSRNN)
+    flow_pairs: int = 5  # L consecutive pairs after each point (TSRNN's 10-channel stack)
+    short_side: int = 256  # frames are resized so their short side has this length
+    workers: int = 0  # 0 = every core
+
+
+@dataclass(frozen=True)
+class TVL1Config:
+    tau: float = 0.25
+    lambda_: float = 0.15
+    theta: float = 0.3
+    scales: int = 5
+    warps: int = 5
+    epsilon: float = 0.01
+    inner_iterations: int = 30
+    outer_iterations: int = 10
+    scale_step: float = 0.5
+    median_filtering: int = 5
+
+
+@dataclass(frozen=True)
+class FarnebackConfig:
+    pyr_scale: float = 0.5
+    levels: int = 3
+    winsize: int = 15
+    iterations: int = 3
+    poly_n: int = 5
+    poly_sigma: float = 1.2
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    algorithm: str = "tvl1"  # tvl1 | farneback
+    bound: float = 20.0  # flow is clipped to +-bound and mapped to uint8 [0, 255]
+    workers: int = 0  # 0 = every core
+    tvl1: TVL1Config = field(default_factory=TVL1Config)
+    farneback: FarnebackConfig = field(default_factory=FarnebackConfig)
+
+
+@dataclass(frozen=True)
+class StreamFeaturesConfig:
+    backbone: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | none | path to a state-dict file
+    crop: int = 224
+    batch_size: int = 32
+    threads: int = 0  # torch intra-op threads; 0 = every core
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    rgb: StreamFeaturesConfig = field(default_factory=StreamFeaturesConfig)
+    flow: StreamFeaturesConfig = field(default_factory=StreamFeaturesConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    oof_folds: int = 3  # out-of-fold training scores for SVM fusion; 0 = in-sample scores
+    threads: int = 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    methods: tuple[str, ...] = ("sum", "product", "weighted", "svm")
+    weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1.0, "flow": 1.5})
+    svm_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    svm_folds: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    confusion: str = "best"  # "best" or "<head>/<fusion>" or "<head>/<stream>"
+
+
+# Keys that are Python keywords are spelled without the underscore in params.yaml.
+_RENAMES = {"lambda": "lambda_"}
+
+
+def load_params(path: Path) -> dict[str, Any]:
+    """Read params.yaml into a plain dict."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def section(
+    params: Mapping[str, Any], dotted: str, cls: type[T], *, source: str = "params.yaml"
+) -> T:
+    """Build ``cls`` from ``params[dotted]`` (``"heads.lstm"`` walks nested keys), strictly."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"{source}: missing section '{dotted}'")
+        node = node[part]
+    return build(cls, node, where=f"{source}:{dotted}")
+
+
+def build(cls: type[T], data: Any, *, where: str) -> T:
+    """Construct dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _RENAMES.get(key, key)
+        if name not in fields:
+            known = ", ".join(sorted(k.rstrip("_") for k in fields))
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {known})")
+        kwargs[name] = _coerce(hints[name], value, where=f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, *, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where=where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where=where) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, where=f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value

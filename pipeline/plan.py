@@ -1,0 +1,63 @@
+"""The decode stage's output: which frames of each video the later stages read.
+
+Decoded frames are not cached: flow and features decode exactly the planned frames on demand
+(decord seeks to them). The plan costs ~0.5 KB per video on disk, where caching the frames
+would cost N*(L+1)*H*W*3 bytes (25*6*256*340*3 = 39 MB raw per video at short side 256, or
+~500 GB for UCF101), for a decode time that is small next to flow and the CNN.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import DecodeConfig
+from pipeline.video import SamplePlan, sample_plan
+
+
+@dataclass(frozen=True)
+class PlannedVideo:
+    video_id: str
+    path: str
+    frames: int
+    looped: bool
+    points: list[int]
+    source: str  # sha256 of the video file: cache entries computed from it record it
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: DecodeConfig
+    videos: dict[str, PlannedVideo]
+
+    def sampling(self, video_id: str) -> SamplePlan:
+        v = self.videos[video_id]
+        return sample_plan(
+            v.frames, num_points=self.settings.num_frames, pairs=self.settings.flow_pairs
+        )
+
+    def identity(self) -> dict:
+        """What decides the sampled frames and their size, for downstream cache metadata."""
+        s = asdict(self.settings)
+        s.pop("workers")
+        return s
+
+
+def write_plan(path: Path, plan: Plan) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "settings": asdict(plan.settings),
+        "videos": {k: asdict(v) for k, v in sorted(plan.videos.items())},
+    }
+    path.write_text(json.dumps(data, indent=1))
+
+
+def read_plan(path: Path) -> Plan:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the decode plan ({e})") from e
+    return Plan(
+        DecodeConfig(**data["settings"]), {k: PlannedVideo(**v) for k, v in data["videos"].items()}
+    )

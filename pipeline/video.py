@@ -1,0 +1,184 @@
+"""Decoding and frame sampling. decord is the decoder; nothing else in the project imports it.
+
+Sampling (``sample_plan``): N points per video, each the start of a window of L+1 consecutive
+frames (L flow pairs). Points are the centres of N equal segments of the first n-L frames, so
+every window fits inside the video (TSN/TS-LSTM test-time sampling). A video with fewer than N
+frames (or no more than L) is *looped*, as MRRN loops short videos: frame k of the plan is
+``k mod n``, so the last flow pair of a window may join the last frame to the first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class VideoDecodeError(RuntimeError):
+    """A video cannot be decoded; the message is '<path>: <reason>'."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps if self.fps > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """points: (N,) first frame of each window; windows: (N, L+1) frame indices, all < frames."""
+
+    frames: int
+    points: np.ndarray
+    windows: np.ndarray
+    looped: bool
+
+    def needed(self) -> np.ndarray:
+        """Sorted unique frame indices the plan decodes."""
+        return np.unique(self.windows)
+
+    def pairs(self) -> np.ndarray:
+        """(P, 2) unique (a, b) frame-index pairs whose flow the plan needs."""
+        a = self.windows[:, :-1].reshape(-1)
+        b = self.windows[:, 1:].reshape(-1)
+        return np.unique(np.stack([a, b], axis=1), axis=0)
+
+
+def sample_plan(frames: int, *, num_points: int, pairs: int) -> SamplePlan:
+    """Uniform sampling of ``num_points`` windows of ``pairs + 1`` frames in a video of ``frames``."""
+    if frames <= 0:
+        raise ValueError("a video with no frames has no sampling plan")
+    n, big_n, ell = frames, num_points, pairs
+    looped = n < big_n or n <= ell
+    if looped:
+        points = np.arange(big_n) % n
+    else:
+        span = n - ell  # windows starting in [0, span) end inside the video
+        points = np.floor(span * (np.arange(big_n) + 0.5) / big_n).astype(np.int64)
+    windows = (points[:, None] + np.arange(ell + 1)[None, :]) % n
+    return SamplePlan(frames=n, points=points.astype(np.int64), windows=windows, looped=looped)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoDecodeError(f"{path}: no such file")
+    if path.is_dir():
+        raise VideoDecodeError(f"{path}: is a directory, not a video")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[-1] if text else type(e).__name__
+    return msg[-300:]
+
+
+def _open_decord(path: Path):  # noqa: ANN202 - decord has no type hints
+    import decord
+
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+
+
+def probe(path: Path) -> VideoInfo:
+    """Open ``path`` and read its frame count, fps and size; raises VideoDecodeError."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        vr = _open_decord(path)
+        n = len(vr)
+        h, w = vr[0].shape[:2] if n > 0 else (0, 0)
+        fps = float(vr.get_avg_fps())
+    except Exception as e:  # decord raises its own DECORDError and sometimes RuntimeError
+        try:  # containers decord cannot index (animated GIF, some broken indexes)
+            frames = _read_all_opencv(path)
+        except VideoDecodeError:
+            raise VideoDecodeError(f"{path}: not a decodable video ({_first_line(e)})") from e
+        n, (h, w) = len(frames), frames[0].shape[:2]
+        fps = _opencv_fps(path)
+    if n <= 0:
+        raise VideoDecodeError(f"{path}: no frames")
+    return VideoInfo(frames=n, fps=fps, width=int(w), height=int(h))
+
+
+def read_frames(path: Path, indices: np.ndarray, *, short_side: int | None = None) -> np.ndarray:
+    """Decode frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
+
+    Raises VideoDecodeError naming the file when any requested frame cannot be decoded.
+    """
+    path = Path(path)
+    _check_file(path)
+    idx = np.asarray(indices, dtype=np.int64)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    try:
+        vr = _open_decord(path)
+        if len(uniq) and uniq[-1] >= len(vr):
+            raise VideoDecodeError(f"{path}: frame {uniq[-1]} requested, video has {len(vr)}")
+        frames = vr.get_batch(uniq.tolist()).asnumpy()
+    except VideoDecodeError:
+        raise
+    except Exception as e:
+        try:
+            every = _read_all_opencv(path)
+        except VideoDecodeError:
+            raise VideoDecodeError(f"{path}: decoding failed ({_first_line(e)})") from e
+        if len(uniq) and uniq[-1] >= len(every):
+            raise VideoDecodeError(
+                f"{path}: decoding failed ({_first_line(e)}); only {len(every)} frames are "
+                f"decodable and frame {uniq[-1]} is needed"
+            ) from e
+        frames = every[uniq]
+    if short_side:
+        frames = resize_short_side(frames, short_side)
+    return frames[inverse]
+
+
+def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """(K, H, W, C) -> (K, H', W', C) with min(H', W') == short_side, aspect kept."""
+    h, w = frames.shape[1:3]
+    scale = short_side / min(h, w)
+    if scale == 1.0:
+        return frames
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(f, size, interpolation=interp) for f in frames])
+
+
+def _opencv_fps(path: Path) -> float:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+    return float(fps) if fps and fps > 0 else 0.0
+
+
+def _read_all_opencv(path: Path) -> np.ndarray:
+    """Sequential OpenCV decode of every frame: the fallback for what decord cannot index."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(f"{path}: OpenCV cannot open it either")
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+    if not frames:
+        raise VideoDecodeError(f"{path}: no decodable frames")
+    log.debug("%s: decoded %d frames with the OpenCV fallback", path, len(frames))
+    return np.stack(frames)

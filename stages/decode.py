@@ -1,0 +1,56 @@
+"""decode: uniform sampling of N points (each with L following frames for flow) per video,
+checked by decoding every planned frame. Writes the plan; frames are decoded on demand later."""
+
+from __future__ import annotations
+
+import csv
+from functools import partial
+from pathlib import Path
+
+from pipeline.config import DecodeConfig, section
+from pipeline.datasets import read_manifest
+from pipeline.plan import Plan, PlannedVideo, write_plan
+from pipeline.runner import Failure, map_videos, report, write_failures
+from pipeline.video import read_frames, sample_plan
+
+
+def _check(item: tuple[str, str, int, str], cfg: DecodeConfig) -> PlannedVideo:
+    vid, path, frames, source = item
+    sp = sample_plan(frames, num_points=cfg.num_frames, pairs=cfg.flow_pairs)
+    read_frames(Path(path), sp.needed(), short_side=cfg.short_side)  # raises VideoDecodeError
+    return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source)
+
+
+def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> None:
+    m = read_manifest(manifest)
+    with probe.open(newline="") as fh:
+        rows = {r["video_id"]: r for r in csv.DictReader(fh)}
+    items = [
+        (v.video_id, str(v.path), int(rows[v.video_id]["frames"]), rows[v.video_id]["sha256"])
+        for v in m.videos
+    ]
+    planned, failures = {}, []
+    for item, pv, err in map_videos(
+        partial(_check, cfg=cfg), items, workers=cfg.workers, desc="decode"
+    ):
+        if err:
+            failures.append(Failure(item[0], item[1], "decode", err))
+        else:
+            planned[pv.video_id] = pv
+    write_plan(out / "plan.json", Plan(cfg, planned))
+    n = write_failures(out / "failures.csv", failures)
+    report("decode", done=len(planned), skipped=0, failed=n, failures_file=out / "failures.csv")
+    if not planned:
+        raise SystemExit("decode: no video could be decoded")
+
+
+if __name__ == "__main__":
+    from stages._cli import parse
+
+    args, params = parse(__doc__, "manifest", "probe", "out")
+    main(
+        section(params, "decode", DecodeConfig),
+        manifest=args.manifest,
+        probe=args.probe,
+        out=args.out,
+    )

@@ -1,0 +1,121 @@
+"""evaluate: top-1, top-5 and mean-class accuracy per split and mean over splits for every
+head x stream and every fusion (metrics.json), per-class accuracy (CSV), and the confusion
+matrix of one model as a PNG and as a DVC plot (CSV of actual/predicted class names)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import EvaluateConfig, section
+from pipeline.datasets import read_manifest
+from pipeline.metrics import (
+    accuracy,
+    confusion,
+    mean_over_splits,
+    per_class_accuracy,
+    plot_confusion,
+)
+from pipeline.scores import ScoreTable, load_score_dir
+
+log = logging.getLogger("evaluate")
+
+
+def _summary(table: ScoreTable, num_classes: int) -> dict:
+    per_split = {}
+    for split in table.splits():
+        t = table.select(split=split, subset="test")
+        per_split[split] = accuracy(t.scores, t.label, num_classes=num_classes)
+    mean = mean_over_splits(per_split)
+    return {
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(mean).items()},
+        "splits": {
+            s: {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(a).items()}
+            for s, a in per_split.items()
+        },
+    }
+
+
+def main(cfg: EvaluateConfig, *, scores: Path, fused: Path, manifest: Path, out: Path) -> None:
+    classes = read_manifest(manifest).classes
+    c = len(classes)
+    models = {
+        **{f"{h}/{s}": t for (h, s), t in load_score_dir(scores).items()},
+        **{f"{h}/{m}": t for (h, m), t in load_score_dir(fused).items()},
+    }
+    if not models:
+        raise SystemExit(f"evaluate: no scores under {scores} or {fused}")
+    fusion_names = {f"{h}/{m}" for (h, m) in load_score_dir(fused)}
+    metrics: dict = {"streams": {}, "fusion": {}}
+    per_class = {}
+    for name, table in sorted(models.items()):
+        head, kind = name.split("/")
+        group = "fusion" if name in fusion_names else "streams"
+        metrics[group].setdefault(head, {})[kind] = _summary(table, c)
+        tests = [table.select(split=s, subset="test") for s in table.splits()]
+        per_class[name] = np.nanmean(
+            [per_class_accuracy(t.scores, t.label, num_classes=c) for t in tests], axis=0
+        )
+    if cfg.confusion == "best":
+        pool = fusion_names or set(models)
+        chosen = max(
+            sorted(pool),
+            key=lambda n: metrics["fusion" if n in fusion_names else "streams"][n.split("/")[0]][
+                n.split("/")[1]
+            ]["top1"],
+        )
+    else:
+        chosen = cfg.confusion
+        if chosen not in models:
+            raise SystemExit(
+                f"params.yaml: evaluate.confusion '{chosen}' is not one of {sorted(models)}"
+            )
+    metrics["confusion_of"] = chosen
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    names = sorted(per_class)
+    with (out / "per_class.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", *names])
+        for k, cls in enumerate(classes):
+            w.writerow([cls, *[f"{per_class[n][k]:.4f}" for n in names]])
+
+    table = models[chosen]
+    tests = [table.select(split=s, subset="test") for s in table.splits()]
+    pred = np.concatenate([t.scores.argmax(1) for t in tests])
+    true = np.concatenate([t.label for t in tests])
+    with (out / "confusion.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["actual", "predicted"])
+        w.writerows([classes[a], classes[p]] for a, p in zip(true, pred, strict=True))
+    plot_confusion(
+        confusion(pred, true, num_classes=c),
+        classes,
+        out / "confusion.png",
+        title=f"{chosen} (test, all splits)",
+    )
+    log.info(
+        "evaluate: %d models; confusion matrix of %s (top-1 %.3f)",
+        len(models),
+        chosen,
+        float((pred == true).mean()),
+    )
+
+
+if __name__ == "__main__":
+    from stages._cli import parse
+
+    args, params = parse(__doc__, "scores", "fused", "manifest", "out")
+    main(
+        section(params, "evaluate", EvaluateConfig),
+        scores=args.scores,
+        fused=args.fused,
+        manifest=args.manifest,
+        out=args.out,
+    )

@@ -1,0 +1,74 @@
+"""flow: L quantised flow pairs at every sampled point of every planned video, into a Zarr cache.
+Resumable: videos already in the cache (written with the same settings) are skipped."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import open_cache
+from pipeline.config import FlowConfig, section
+from pipeline.flow import flow_settings, video_flow
+from pipeline.plan import Plan, read_plan
+from pipeline.runner import Failure, map_videos, report, write_failures
+
+
+def _one_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
+
+
+def _flow(video_id: str, *, plan: Plan, cfg: FlowConfig) -> np.ndarray:
+    v = plan.videos[video_id]
+    return video_flow(
+        Path(v.path), plan.sampling(video_id), cfg, short_side=plan.settings.short_side
+    )
+
+
+def cache_attrs(plan: Plan, cfg: FlowConfig) -> dict:
+    import cv2
+
+    return {
+        "kind": "flow",
+        "flow": flow_settings(cfg),
+        "sampling": plan.identity(),
+        "opencv": cv2.__version__,
+        "layout": "(N points, L pairs, 2 [x, y], H, W) uint8, value = (clip(f, -b, b) + b) * 255 / 2b",
+    }
+
+
+def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> None:
+    plan = read_plan(plan_path)
+    failures = []
+    with open_cache(out / "cache", "a", attrs=cache_attrs(plan, cfg)) as cache:
+        done = cache.up_to_date({k: v.source for k, v in plan.videos.items()})
+        todo = [vid for vid in sorted(plan.videos) if vid not in done]
+        fn = partial(_flow, plan=plan, cfg=cfg)
+        for vid, stacks, err in map_videos(
+            fn, todo, workers=cfg.workers, desc=f"flow ({cfg.algorithm})", initializer=_one_thread
+        ):
+            if err:
+                failures.append(Failure(vid, plan.videos[vid].path, "flow", err))
+            else:
+                cache.write(vid, stacks, {"source": plan.videos[vid].source})
+        n_ok = len(cache.up_to_date({k: v.source for k, v in plan.videos.items()}))
+    n = write_failures(out / "failures.csv", failures)
+    report(
+        "flow",
+        done=n_ok - len(done),
+        skipped=len(done),
+        failed=n,
+        failures_file=out / "failures.csv",
+    )
+    if n_ok == 0:
+        raise SystemExit("flow: no video has flow")
+
+
+if __name__ == "__main__":
+    from stages._cli import parse
+
+    args, params = parse(__doc__, "plan", "out")
+    main(section(params, "flow", FlowConfig), plan_path=args.plan, out=args.out)

@@ -1,0 +1,111 @@
+"""prepare: build the manifest (video id, path, label, split, group), probe every video, record
+the ones that cannot be opened or have no frames, and exclude them."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import datasets
+from pipeline.config import DatasetConfig, section
+from pipeline.demo import generate_demo
+from pipeline.fingerprint import file_sha256
+from pipeline.runner import Failure, map_videos, report, write_failures
+from pipeline.video import probe
+
+log = logging.getLogger("prepare")
+
+
+def build_manifest(cfg: DatasetConfig, out: Path) -> datasets.Manifest:
+    """The dataset adapter named by ``cfg.name``; the demo is generated under ``out/demo``."""
+
+    def need(value: str | None, key: str) -> Path:
+        if not value:
+            raise SystemExit(f"params.yaml: dataset.{key} is required for dataset '{cfg.name}'")
+        return Path(value)
+
+    if cfg.name == "demo":
+        csv_path = generate_demo(out / "demo", cfg.demo)
+        return datasets.csv_manifest(
+            csv_path=csv_path, root=None, test_fraction=cfg.test_fraction, seed=cfg.seed
+        )
+    if cfg.name == "ucf101":
+        return datasets.ucf101_manifest(
+            root=need(cfg.root, "root"),
+            splits_dir=need(cfg.splits_dir, "splits_dir"),
+            splits=cfg.splits,
+        )
+    if cfg.name == "hmdb51":
+        return datasets.hmdb51_manifest(
+            root=need(cfg.root, "root"),
+            splits_dir=need(cfg.splits_dir, "splits_dir"),
+            splits=cfg.splits,
+        )
+    if cfg.name == "folder":
+        return datasets.folder_manifest(
+            root=need(cfg.root, "root"),
+            group_pattern=cfg.group_pattern,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+        )
+    if cfg.name == "csv":
+        return datasets.csv_manifest(
+            csv_path=need(cfg.csv, "csv"),
+            root=Path(cfg.root) if cfg.root else None,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            group_pattern=cfg.group_pattern,
+        )
+    raise SystemExit(
+        f"params.yaml: dataset.name '{cfg.name}' is not one of demo, ucf101, hmdb51, folder, csv"
+    )
+
+
+def _probe(path: Path) -> dict:
+    return {**asdict(probe(path)), "sha256": file_sha256(path)}
+
+
+def main(cfg: DatasetConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = build_manifest(cfg, out)
+    paths = [v.path for v in manifest.videos]
+    by_path = {v.path: v for v in manifest.videos}
+    probes: dict[str, dict] = {}
+    failures = []
+    for path, info, err in map_videos(_probe, paths, workers=cfg.probe_workers, desc="probe"):
+        vid = by_path[path].video_id
+        if err:
+            failures.append(Failure(vid, str(path), "prepare", err))
+        else:
+            probes[vid] = info
+    with (out / "probe.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["video_id", "frames", "fps", "width", "height", "duration", "sha256"])
+        for vid in sorted(probes):
+            p = probes[vid]
+            dur = p["frames"] / p["fps"] if p["fps"] else 0.0
+            w.writerow(
+                [
+                    vid,
+                    p["frames"],
+                    f"{p['fps']:.3f}",
+                    p["width"],
+                    p["height"],
+                    f"{dur:.3f}",
+                    p["sha256"],
+                ]
+            )
+    datasets.write_manifest(manifest.without(f.video_id for f in failures), out / "manifest.csv")
+    n = write_failures(out / "failures.csv", failures)
+    report("prepare", done=len(probes), skipped=0, failed=n, failures_file=out / "failures.csv")
+    if not probes:
+        raise SystemExit(f"prepare: none of the {len(paths)} videos could be opened")
+
+
+if __name__ == "__main__":
+    from stages._cli import parse
+
+    args, params = parse(__doc__, "out")
+    main(section(params, "dataset", DatasetConfig), args.out)

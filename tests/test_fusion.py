@@ -1,0 +1,183 @@
+import numpy as np
+import pytest
+
+from pipeline.fusion import FUSIONS, fuse_scores, svm_fuse
+
+# Two videos, three classes. Video 0: sum picks class 0, product picks class 1 (rgb gives class 2
+# exactly 0, which exercises the log floor).
+RGB = np.array([[0.95, 0.05, 0.00], [0.10, 0.60, 0.30]])
+FLOW = np.array([[0.01, 0.60, 0.39], [0.30, 0.30, 0.40]])
+GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def test_fusions_tuple() -> None:
+    assert FUSIONS == ("sum", "product", "weighted", "svm")
+
+
+def test_sum_by_hand() -> None:
+    fused = fuse_scores("sum", {"rgb": RGB, "flow": FLOW})
+    np.testing.assert_allclose(fused, [[0.96, 0.65, 0.39], [0.40, 0.90, 0.70]])
+    assert fused.argmax(axis=1).tolist() == [0, 1]
+
+
+def test_product_by_hand_is_log_of_product() -> None:
+    fused = fuse_scores("product", {"rgb": RGB, "flow": FLOW})
+    expected = np.log(
+        [[0.95 * 0.01, 0.05 * 0.60, 1e-12 * 0.39], [0.10 * 0.30, 0.60 * 0.30, 0.30 * 0.40]]
+    )
+    np.testing.assert_allclose(fused, expected)
+    # Product and sum disagree on video 0: the product punishes rgb's 0.05 less than flow's 0.01.
+    assert fused.argmax(axis=1).tolist() == [1, 1]
+
+
+def test_product_does_not_underflow_with_200_streams() -> None:
+    rng = np.random.default_rng(0)
+    num_classes, winner = 50, 7
+    streams = {}
+    for s in range(200):
+        logits = rng.normal(scale=0.05, size=(1, num_classes))
+        logits[0, winner] += 0.1
+        p = np.exp(logits)
+        streams[f"s{s:03d}"] = p / p.sum(axis=1, keepdims=True)
+    stacked = np.stack(list(streams.values()))
+    assert np.all(np.prod(stacked, axis=0) == 0.0)  # the naive product underflows for every class
+    fused = fuse_scores("product", streams)
+    assert np.all(np.isfinite(fused))
+    np.testing.assert_allclose(fused, np.log(stacked).sum(axis=0))
+    assert fused.argmax(axis=1).tolist() == [winner]
+    assert fused[0, winner] < -700  # far below log of the smallest float64
+
+
+def test_weighted_flips_sum_decision() -> None:
+    rgb = np.array([[0.70, 0.30]])
+    flow = np.array([[0.35, 0.65]])
+    summed = fuse_scores("sum", {"rgb": rgb, "flow": flow})
+    weighted = fuse_scores(
+        "weighted", {"rgb": rgb, "flow": flow}, weights={"flow": 1.5, "rgb": 1.0}
+    )
+    np.testing.assert_allclose(summed, [[1.05, 0.95]])
+    np.testing.assert_allclose(weighted, [[0.70 + 0.525, 0.30 + 0.975]])
+    assert summed.argmax() == 0
+    assert weighted.argmax() == 1
+
+
+def test_weighted_needs_weights_for_every_stream() -> None:
+    with pytest.raises(ValueError, match="flow"):
+        fuse_scores("weighted", {"rgb": RGB, "flow": FLOW}, weights={"rgb": 1.0})
+    with pytest.raises(ValueError, match="weights"):
+        fuse_scores("weighted", {"rgb": RGB, "flow": FLOW})
+
+
+def test_shape_errors_name_the_stream() -> None:
+    with pytest.raises(ValueError, match="'rgb'.*1 videos"):
+        fuse_scores("sum", {"rgb": RGB[:1], "flow": FLOW})
+    with pytest.raises(ValueError, match="'rgb'.*2 classes"):
+        fuse_scores("sum", {"rgb": RGB[:, :2], "flow": FLOW})
+    with pytest.raises(ValueError, match="'flow'.*shape"):
+        fuse_scores("sum", {"rgb": RGB, "flow": FLOW[0]})
+    with pytest.raises(ValueError, match="no streams"):
+        fuse_scores("sum", {})
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse_scores("max", {"rgb": RGB})
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _complementary_streams(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """4 classes; rgb cannot tell 0 from 1, flow cannot tell 2 from 3; each is sure of the rest."""
+    rng = np.random.default_rng(seed)
+    y = np.tile(np.arange(4), n // 4)
+    rgb = rng.normal(scale=0.3, size=(n, 4))
+    flow = rng.normal(scale=0.3, size=(n, 4))
+    for i, label in enumerate(y):
+        if label in (0, 1):
+            rgb[i, [0, 1]] += 3.0  # both confusable classes high, which one wins is noise
+            flow[i, label] += 3.0
+        else:
+            rgb[i, label] += 3.0
+            flow[i, [2, 3]] += 3.0
+    return {"rgb": _softmax(rgb), "flow": _softmax(flow)}, y
+
+
+def test_svm_beats_each_stream_on_complementary_streams() -> None:
+    train, y_train = _complementary_streams(120, seed=1)
+    test, y_test = _complementary_streams(200, seed=2)
+    fused, chosen = svm_fuse(test, train=train, train_labels=y_train, c_grid=GRID, folds=3, seed=0)
+    assert fused.shape == (200, 4)
+    assert chosen in GRID
+    acc = {name: np.mean(s.argmax(axis=1) == y_test) for name, s in test.items()}
+    fused_acc = np.mean(fused.argmax(axis=1) == y_test)
+    assert 0.6 < acc["rgb"] < 0.9 and 0.6 < acc["flow"] < 0.9  # each stream really is ambiguous
+    assert fused_acc >= 0.95
+    assert fused_acc > max(acc.values()) + 0.1
+    # fuse_scores gives the same decision values, and the seed makes it deterministic.
+    again = fuse_scores("svm", test, train=train, train_labels=y_train, svm_c_grid=GRID, seed=0)
+    np.testing.assert_array_equal(again, fused)
+
+
+def test_svm_cross_validation_rejects_underfitting_c() -> None:
+    # Imbalanced classes: with C = 1e-4 the SVM collapses to the majority class (CV accuracy
+    # 40/56), so cross-validation must pick C = 1, not the first (or smallest) grid value.
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 8 + [2] * 8)
+    streams = {}
+    for name in ("rgb", "flow"):
+        z = rng.normal(scale=0.5, size=(len(y), 3))
+        z[np.arange(len(y)), y] += 1.5
+        streams[name] = _softmax(z)
+    _, chosen = svm_fuse(streams, train=streams, train_labels=y, c_grid=(1e-4, 1.0), folds=3)
+    assert chosen == 1.0
+    _, only = svm_fuse(streams, train=streams, train_labels=y, c_grid=(1e-4,))
+    assert only == 1e-4
+
+
+def test_svm_binary_gives_two_columns() -> None:
+    rng = np.random.default_rng(3)
+    y = np.tile([0, 1], 20)
+    streams = {}
+    for name in ("rgb", "flow"):
+        z = rng.normal(scale=0.3, size=(40, 2))
+        z[np.arange(40), y] += 2.0
+        streams[name] = _softmax(z)
+    fused, chosen = svm_fuse(streams, train=streams, train_labels=y, c_grid=(0.1, 10.0), folds=3)
+    assert fused.shape == (40, 2)
+    assert chosen in (0.1, 10.0)
+    np.testing.assert_allclose(fused[:, 0], -fused[:, 1])
+    assert np.mean(fused.argmax(axis=1) == y) == 1.0
+
+
+def test_svm_class_absent_from_training_gets_minus_inf() -> None:
+    train, y_train = _complementary_streams(60, seed=4)
+    keep = y_train != 3
+    train = {k: v[keep] for k, v in train.items()}
+    test, _ = _complementary_streams(8, seed=5)
+    fused, _ = svm_fuse(test, train=train, train_labels=y_train[keep], c_grid=(1.0,))
+    assert np.all(fused[:, 3] == -np.inf)
+    assert np.all(np.isfinite(fused[:, :3]))
+
+
+def test_svm_shrinks_folds_for_small_classes() -> None:
+    train, y_train = _complementary_streams(8, seed=6)  # 2 videos per class, asked for 5 folds
+    test, _ = _complementary_streams(4, seed=7)
+    fused, chosen = svm_fuse(test, train=train, train_labels=y_train, c_grid=GRID, folds=5)
+    assert fused.shape == (4, 4) and chosen in GRID
+
+
+def test_svm_errors_on_missing_or_bad_train_data() -> None:
+    train, y_train = _complementary_streams(20, seed=8)
+    with pytest.raises(ValueError, match="train"):
+        fuse_scores("svm", train)
+    with pytest.raises(ValueError, match="train_labels"):
+        fuse_scores("svm", train, train=train)
+    with pytest.raises(ValueError, match="train_labels"):
+        fuse_scores("svm", train, train=train, train_labels=y_train[:-1])
+    with pytest.raises(ValueError, match="streams"):
+        fuse_scores("svm", train, train={"rgb": train["rgb"]}, train_labels=y_train)
+    with pytest.raises(ValueError, match="'flow'.*3 classes"):
+        bad = {"rgb": train["rgb"], "flow": train["flow"][:, :3]}
+        fuse_scores("svm", train, train=bad, train_labels=y_train)
+    with pytest.raises(ValueError, match="2 classes"):
+        fuse_scores("svm", train, train=train, train_labels=np.zeros(20, dtype=int))
