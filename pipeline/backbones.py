@@ -83,13 +83,26 @@ def cross_modality_init(conv: nn.Conv2d, in_channels: int) -> None:
     conv.in_channels = in_channels
 
 
+RANDOM_INIT_SEED = 0
+
+
 def build_backbone(name: str, *, weights: str, in_channels: int = 3) -> Backbone:
-    """A frozen, eval-mode feature extractor; ``in_channels`` != 3 applies cross-modality init."""
+    """A frozen, eval-mode feature extractor; ``in_channels`` != 3 applies cross-modality init.
+
+    Random initialisation is seeded (RANDOM_INIT_SEED), so two runs, or a run and its resumption,
+    build the same network and write comparable features.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return _build(name, weights=weights, in_channels=in_channels)
+
+
+def _build(name: str, *, weights: str, in_channels: int) -> Backbone:
     if name not in BACKBONES_2D:
         raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES_2D)})")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     state: dict[str, Tensor] | None = None
-    weights_id = "random"
+    weights_id = f"random (seed {RANDOM_INIT_SEED})"
     if name == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -121,7 +134,7 @@ def build_backbone(name: str, *, weights: str, in_channels: int = 3) -> Backbone
                     enum,
                     path,
                 )
-                weights_id = f"random ({enum} not found at {path})"
+                weights_id = f"random (seed {RANDOM_INIT_SEED}; {enum} not found at {path})"
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         state = _load_state(path)

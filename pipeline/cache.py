@@ -32,6 +32,10 @@ class CacheError(RuntimeError):
     """A cache is missing, incomplete or was written with other settings; names the path."""
 
 
+def _valid_id(video_id: str) -> bool:
+    return bool(video_id) and "/" not in video_id and not video_id.startswith(".")
+
+
 def _norm(d: Mapping[str, Any]) -> dict[str, Any]:
     """JSON round trip, so tuples and lists (and int/float keys) compare equal after storage."""
     return json.loads(json.dumps(dict(d), sort_keys=True, default=str))
@@ -88,6 +92,8 @@ class FeatureCache:
         )
 
     def __contains__(self, video_id: str) -> bool:
+        if not _valid_id(video_id):
+            return False
         return (self.root / video_id / "zarr.json").exists()
 
     def __len__(self) -> int:
@@ -105,11 +111,13 @@ class FeatureCache:
     def write(
         self, video_id: str, array: np.ndarray, meta: Mapping[str, Any] | None = None
     ) -> None:
-        """Store ``array`` (any shape) for ``video_id`` atomically, replacing an older one."""
+        """Store ``array`` (any shape of at least one dimension) for ``video_id`` atomically, replacing an older one."""
         if self.mode == "r":
             raise CacheError(f"{self.root}: opened read-only")
-        if not video_id or "/" in video_id or video_id.startswith("."):
+        if not _valid_id(video_id):
             raise CacheError(f"{self.root}: invalid video id {video_id!r}")
+        if array.ndim == 0:
+            raise CacheError(f"{self.root}: '{video_id}': a 0-d array is not a feature; give (T, ...)")
         tmp = self.root / _TMP / f"{video_id}.{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

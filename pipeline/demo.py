@@ -111,7 +111,7 @@ def render(class_name: str, rng: np.random.Generator, bg: np.ndarray, frames: in
         else:  # look: rise with a hue that only RGB can see
             y = start + travel * (1 - s)
             _square(f, lane, y, half, BLUE if detail == "blue" else ORANGE)
-        out[t] = np.clip(f, 0, 255).astype(np.uint8)
+        out[t] = np.clip(np.round(f), 0, 255).astype(np.uint8)
     return out
 
 
@@ -132,7 +132,12 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
 def generate_demo(out_dir: Path, cfg: DemoConfig) -> Path:
     """Write the demo videos under ``out_dir/videos`` and ``out_dir/demo.csv``
     (path,label,split,group); return the CSV path. Same config -> same files."""
-    per_group = max(1, cfg.videos_per_class // GROUPS_PER_CLASS)
+    if cfg.videos_per_class < GROUPS_PER_CLASS or cfg.videos_per_class % GROUPS_PER_CLASS:
+        raise ValueError(
+            f"dataset.demo.videos_per_class must be a multiple of {GROUPS_PER_CLASS} "
+            f"(one test group in {GROUPS_PER_CLASS}), got {cfg.videos_per_class}"
+        )
+    per_group = cfg.videos_per_class // GROUPS_PER_CLASS
     rows = []
     for ci, name in enumerate(CLASSES):
         for g in range(GROUPS_PER_CLASS):

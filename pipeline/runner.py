@@ -98,10 +98,20 @@ def read_failures(path: Path) -> list[Failure]:
         return [Failure(**row) for row in csv.DictReader(fh)]
 
 
-def report(stage: str, *, done: int, skipped: int, failed: int, failures_file: Path) -> None:
+@dataclass(frozen=True)
+class Counts:
+    """How a per-video stage ended: computed now, kept from an earlier run, failed."""
+
+    done: int
+    skipped: int
+    failed: int
+
+
+def report(stage: str, *, done: int, skipped: int, failed: int, failures_file: Path) -> Counts:
     """Log the closing count of a stage; failures are listed in ``failures_file``."""
     msg = f"{stage}: {done} done, {skipped} already done (resumed), {failed} failed"
     if failed:
         log.warning("%s; reasons in %s", msg, failures_file)
     else:
         log.info(msg)
+    return Counts(done, skipped, failed)

@@ -120,6 +120,8 @@ def read_frames(path: Path, indices: np.ndarray, *, short_side: int | None = Non
     path = Path(path)
     _check_file(path)
     idx = np.asarray(indices, dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0:
+        raise ValueError(f"{path}: frame indices must be a non-empty list of indices >= 0")
     uniq, inverse = np.unique(idx, return_inverse=True)
     try:
         vr = _open_decord(path)

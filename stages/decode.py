@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import DecodeConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.plan import Plan, PlannedVideo, write_plan
-from pipeline.runner import Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, map_videos, report, write_failures
 from pipeline.video import read_frames, sample_plan
 
 
@@ -21,7 +21,7 @@ def _check(item: tuple[str, str, int, str], cfg: DecodeConfig) -> PlannedVideo:
     return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source)
 
 
-def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> None:
+def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts:
     m = read_manifest(manifest)
     with probe.open(newline="") as fh:
         rows = {r["video_id"]: r for r in csv.DictReader(fh)}
@@ -39,9 +39,12 @@ def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> None:
             planned[pv.video_id] = pv
     write_plan(out / "plan.json", Plan(cfg, planned))
     n = write_failures(out / "failures.csv", failures)
-    report("decode", done=len(planned), skipped=0, failed=n, failures_file=out / "failures.csv")
+    counts = report(
+        "decode", done=len(planned), skipped=0, failed=n, failures_file=out / "failures.csv"
+    )
     if not planned:
         raise SystemExit("decode: no video could be decoded")
+    return counts
 
 
 if __name__ == "__main__":

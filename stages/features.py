@@ -13,7 +13,7 @@ from pipeline.backbones import build_backbone, flow_input, rgb_input
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, section
 from pipeline.plan import read_plan
-from pipeline.runner import Failure, progress, report, resolve_workers, write_failures
+from pipeline.runner import Counts, Failure, progress, report, resolve_workers, write_failures
 from pipeline.video import read_frames
 
 log = logging.getLogger("features")
@@ -54,7 +54,7 @@ class _Inputs(torch.utils.data.Dataset):
             return vid, None, f"{type(e).__name__}: {e}"
 
 
-def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> None:
+def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> Counts:
     torch.set_num_threads(resolve_workers(cfg.threads))
     if stream == "rgb":
         plan = read_plan(source / "plan.json")
@@ -116,7 +116,7 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
                 cache.write(vid, feats.numpy().astype(np.float16), {"source": sources[vid]})
         n_ok = len(cache.up_to_date(sources))
     n = write_failures(out / "failures.csv", failures)
-    report(
+    counts = report(
         f"features ({stream})",
         done=n_ok - len(done),
         skipped=len(done),
@@ -125,6 +125,7 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
     )
     if n_ok == 0:
         raise SystemExit(f"features ({stream}): no video has features")
+    return counts
 
 
 if __name__ == "__main__":

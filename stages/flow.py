@@ -12,7 +12,7 @@ from pipeline.cache import open_cache
 from pipeline.config import FlowConfig, section
 from pipeline.flow import flow_settings, video_flow
 from pipeline.plan import Plan, read_plan
-from pipeline.runner import Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, map_videos, report, write_failures
 
 
 def _one_thread() -> None:
@@ -40,7 +40,7 @@ def cache_attrs(plan: Plan, cfg: FlowConfig) -> dict:
     }
 
 
-def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> None:
+def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
     plan = read_plan(plan_path)
     failures = []
     with open_cache(out / "cache", "a", attrs=cache_attrs(plan, cfg)) as cache:
@@ -56,7 +56,7 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> None:
                 cache.write(vid, stacks, {"source": plan.videos[vid].source})
         n_ok = len(cache.up_to_date({k: v.source for k, v in plan.videos.items()}))
     n = write_failures(out / "failures.csv", failures)
-    report(
+    counts = report(
         "flow",
         done=n_ok - len(done),
         skipped=len(done),
@@ -65,6 +65,7 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> None:
     )
     if n_ok == 0:
         raise SystemExit("flow: no video has flow")
+    return counts
 
 
 if __name__ == "__main__":

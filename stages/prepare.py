@@ -12,7 +12,7 @@ from pipeline import datasets
 from pipeline.config import DatasetConfig, section
 from pipeline.demo import generate_demo
 from pipeline.fingerprint import file_sha256
-from pipeline.runner import Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, map_videos, report, write_failures
 from pipeline.video import probe
 
 log = logging.getLogger("prepare")
@@ -67,7 +67,7 @@ def _probe(path: Path) -> dict:
     return {**asdict(probe(path)), "sha256": file_sha256(path)}
 
 
-def main(cfg: DatasetConfig, out: Path) -> None:
+def main(cfg: DatasetConfig, out: Path) -> Counts:
     out.mkdir(parents=True, exist_ok=True)
     manifest = build_manifest(cfg, out)
     paths = [v.path for v in manifest.videos]
@@ -99,9 +99,12 @@ def main(cfg: DatasetConfig, out: Path) -> None:
             )
     datasets.write_manifest(manifest.without(f.video_id for f in failures), out / "manifest.csv")
     n = write_failures(out / "failures.csv", failures)
-    report("prepare", done=len(probes), skipped=0, failed=n, failures_file=out / "failures.csv")
+    counts = report(
+        "prepare", done=len(probes), skipped=0, failed=n, failures_file=out / "failures.csv"
+    )
     if not probes:
         raise SystemExit(f"prepare: none of the {len(paths)} videos could be opened")
+    return counts
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""Per-stage throughput on this machine: decode (videos/s), flow (pairs/s), backbone (images/s).
+
+Two inputs: the built-in demo (generated with the settings in params.yaml) and the real UCF101
+clip ../shared/testdata/videos/test.avi at the real-data settings (short side 256, crop 224).
+
+    python bench/bench_stages.py [--flow-videos 24]
+
+Prints measured numbers; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# torch is imported inside the functions that need it: the flow pool's spawned workers re-import
+# this module, and a torch import in each of them would be timed as flow work.
+from pipeline.config import (
+    DatasetConfig,
+    DecodeConfig,
+    FlowConfig,
+    StreamFeaturesConfig,
+    load_params,
+    section,
+)
+from pipeline.demo import generate_demo
+from pipeline.flow import video_flow
+from pipeline.runner import map_videos
+from pipeline.video import probe, read_frames, sample_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_AVI = ROOT.parent / "shared" / "testdata" / "videos" / "test.avi"
+
+
+def _timed(fn, *args, **kw):  # noqa: ANN001, ANN202
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+
+
+def _flow_one(path: str, *, dec: DecodeConfig, cfg: FlowConfig) -> int:
+    cv2.setNumThreads(1)
+    plan = sample_plan(probe(Path(path)).frames, num_points=dec.num_frames, pairs=dec.flow_pairs)
+    video_flow(Path(path), plan, cfg, short_side=dec.short_side)
+    return len(plan.pairs())
+
+
+def bench_flow(
+    paths: list[str], dec: DecodeConfig, cfg: FlowConfig, workers: int
+) -> tuple[float, float]:
+    fn = partial(_flow_one, dec=dec, cfg=cfg)
+    t = time.perf_counter()
+    pairs = sum(
+        r
+        for _, r, err in map_videos(fn, paths, workers=workers, desc=f"flow x{workers}")
+        if not err
+    )
+    dt = time.perf_counter() - t
+    return pairs / dt, len(paths) / dt
+
+
+def bench_backbone(name: str, weights: str, x, in_channels: int, repeats: int = 3) -> float:  # noqa: ANN001
+    """Best of ``repeats`` timed forward passes of the whole batch ``x``, after a warm-up pass."""
+    import torch
+
+    from pipeline.backbones import build_backbone
+
+    bb = build_backbone(name, weights=weights, in_channels=in_channels)
+    best = float("inf")
+    with torch.inference_mode():
+        bb.model(x)  # warm-up: allocations, oneDNN primitive creation
+        for _ in range(repeats):
+            t = time.perf_counter()
+            bb.model(x)
+            best = min(best, time.perf_counter() - t)
+    return len(x) / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--flow-videos", type=int, default=24, help="demo videos timed for flow")
+    args = ap.parse_args()
+    import torch
+
+    from pipeline.backbones import flow_input, rgb_input
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    params = load_params(ROOT / "params.yaml")
+    ds = section(params, "dataset", DatasetConfig)
+    dec = section(params, "decode", DecodeConfig)
+    fcfg = section(params, "flow", FlowConfig)
+    feat = section(params, "features.rgb", StreamFeaturesConfig)
+    rows: list[tuple[str, str, float, str]] = []
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, opencv {cv2.__version__}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path, gen_s = _timed(generate_demo, Path(tmp), ds.demo)
+        paths = sorted(str(p) for p in Path(tmp).rglob("*.avi"))
+        rows.append(("demo", "generate", len(paths) / gen_s, "videos/s"))
+        t = time.perf_counter()
+        for p in paths:
+            plan = sample_plan(
+                probe(Path(p)).frames, num_points=dec.num_frames, pairs=dec.flow_pairs
+            )
+            read_frames(Path(p), plan.needed(), short_side=dec.short_side)
+        rows.append(
+            (
+                "demo",
+                "decode (probe + planned frames)",
+                len(paths) / (time.perf_counter() - t),
+                "videos/s",
+            )
+        )
+        sub = paths[:: max(1, len(paths) // args.flow_videos)][: args.flow_videos]
+        for w in (1, 2):
+            pps, vps = bench_flow(sub, dec, fcfg, w)
+            rows.append(
+                (
+                    "demo",
+                    f"flow {fcfg.algorithm} {dec.short_side}px, {w} proc",
+                    pps,
+                    f"pairs/s ({vps:.2f} videos/s)",
+                )
+            )
+        frames = read_frames(Path(paths[0]), np.arange(dec.num_frames), short_side=dec.short_side)
+        x = rgb_input(
+            np.concatenate([frames] * 3), crop=feat.crop, mean=(0.5,) * 3, std=(0.25,) * 3
+        )
+        rows.append(
+            (
+                "demo",
+                f"backbone {feat.backbone} rgb {feat.crop}px",
+                bench_backbone(feat.backbone, feat.weights, x, 3),
+                "images/s",
+            )
+        )
+        stacks = np.random.default_rng(0).integers(
+            0, 255, (len(x), dec.flow_pairs, 2, feat.crop, feat.crop), dtype=np.uint8
+        )
+        xf = flow_input(stacks, crop=feat.crop, mean=(0.5,) * 10, std=(0.226,) * 10)
+        rows.append(
+            (
+                "demo",
+                f"backbone {feat.backbone} flow {feat.crop}px",
+                bench_backbone(feat.backbone, feat.weights, xf, 2 * dec.flow_pairs),
+                "images/s",
+            )
+        )
+
+    if TEST_AVI.exists():
+        real = DecodeConfig(num_frames=25, flow_pairs=5, short_side=256, workers=1)
+        plan = sample_plan(
+            probe(TEST_AVI).frames, num_points=real.num_frames, pairs=real.flow_pairs
+        )
+        _, dt = _timed(read_frames, TEST_AVI, plan.needed(), short_side=real.short_side)
+        rows.append(("test.avi", "decode 150 planned frames at 256px", 1 / dt, "videos/s"))
+        frames = read_frames(TEST_AVI, plan.needed()[:11], short_side=real.short_side)
+        grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        from pipeline.flow import make_flow_fn
+
+        cv2.setNumThreads(1)
+        for algo in ("tvl1", "farneback"):
+            fn = make_flow_fn(FlowConfig(algorithm=algo))
+            t = time.perf_counter()
+            for a, b in zip(grey[:-1], grey[1:], strict=True):
+                fn(a, b)
+            rows.append(
+                (
+                    "test.avi",
+                    f"flow {algo} 256x341, 1 thread",
+                    10 / (time.perf_counter() - t),
+                    "pairs/s",
+                )
+            )
+        cv2.setNumThreads(-1)
+        x = rgb_input(
+            read_frames(TEST_AVI, plan.points, short_side=256),
+            crop=224,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+        )
+        for name, weights in (("resnet50", "none"), ("efficientnet_lite0", "imagenet")):
+            rows.append(
+                (
+                    "test.avi",
+                    f"backbone {name} rgb 224px fp32",
+                    bench_backbone(name, weights, x, 3, repeats=2),
+                    "images/s",
+                )
+            )
+    else:
+        print(f"(skipping test.avi: {TEST_AVI} not found)")
+
+    width = max(len(r[1]) for r in rows)
+    print(f"\n{'input':<9} {'stage':<{width}}  throughput")
+    for inp, stage, value, unit in rows:
+        print(f"{inp:<9} {stage:<{width}}  {value:8.2f} {unit}")
+
+
+if __name__ == "__main__":
+    main()

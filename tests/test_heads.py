@@ -1,0 +1,112 @@
+"""Tests for pipeline/heads: every registered head, the registry, and head-specific behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.engine import TrainSettings, fit, predict
+from pipeline.heads import HEADS, build_head, get_head_class, head_arguments, register_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+B, T, D, C = 4, 6, 16, 3
+
+
+def _build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_head(name, in_dim=D, num_classes=C)
+
+
+def test_registry_holds_the_params_yaml_heads() -> None:
+    assert {"mean_pool", "lstm"} <= set(HEADS)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_output_shape(name: str) -> None:
+    model = _build(name).eval()
+    for b, t in [(B, T), (1, 1), (3, 25)]:
+        assert model(torch.randn(b, t, D)).shape == (b, C)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_backward_gives_finite_grads_on_every_parameter(name: str) -> None:
+    model = _build(name).train()
+    loss = nn.functional.cross_entropy(model(torch.randn(B, T, D)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}.{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}.{pname} has a non-finite gradient"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_deterministic_for_a_seed(name: str) -> None:
+    x = torch.randn(B, T, D)
+    a, b = _build(name, seed=0).eval(), _build(name, seed=0).eval()
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    c = _build(name, seed=1).eval()
+    assert not torch.allclose(a(x), c(x))  # the seed is what makes them equal
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_fits_a_separable_set(name: str) -> None:
+    # Each class has its own mean feature direction; every step is noisy around it.
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(C), 8)
+    centres = rng.normal(size=(C, D)) * 2
+    x = centres[y][:, None, :] + rng.normal(scale=0.5, size=(len(y), T, D))
+    model = _build(name)
+    settings = TrainSettings(lr=3e-3, epochs=20, batch_size=8)
+    losses = fit(model, x.astype(np.float32), y, settings, seed=0)
+    assert losses[-1] < losses[0]
+    assert (predict(model, x).argmax(axis=1) == y).all()
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_arguments_are_keyword_only(name: str) -> None:
+    args = head_arguments(name)
+    assert "in_dim" not in args and "num_classes" not in args
+    with pytest.raises(TypeError):
+        get_head_class(name)(D, C)  # type: ignore[call-arg]
+
+
+def test_register_head_rejects_a_duplicate_name() -> None:
+    before = dict(HEADS)
+    with pytest.raises(ValueError, match="'lstm' is already registered"):
+
+        @register_head("lstm")
+        class Other(nn.Module):
+            pass
+
+    assert HEADS == before
+
+
+def test_build_head_names_an_unknown_kwarg() -> None:
+    with pytest.raises(TypeError, match="hiden") as e:
+        build_head("lstm", in_dim=D, num_classes=C, hiden=32)
+    assert "hidden" in str(e.value)  # and lists what it does take
+
+
+def test_unknown_head() -> None:
+    with pytest.raises(KeyError, match="unknown head 'gru'"):
+        build_head("gru", in_dim=D, num_classes=C)
+
+
+def test_build_head_passes_its_kwargs() -> None:
+    model = build_head("lstm", in_dim=D, num_classes=C, hidden=7, layers=2)
+    assert model.lstm.hidden_size == 7 and model.lstm.num_layers == 2
+    with pytest.raises(ValueError, match="layers must be 1-3"):
+        build_head("lstm", in_dim=D, num_classes=C, layers=4)
+
+
+def test_mean_pool_ignores_order_lstm_does_not() -> None:
+    x = torch.randn(B, T, D)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(perm, torch.arange(T))
+    mean_pool = _build("mean_pool").eval()
+    torch.testing.assert_close(mean_pool(x[:, perm]), mean_pool(x))
+    lstm = _build("lstm").eval()
+    assert not torch.allclose(lstm(x[:, perm]), lstm(x), atol=1e-4)

@@ -1,0 +1,104 @@
+"""The whole DVC DAG on a tiny demo: `dvc repro` completes, and changing a head's parameter
+re-runs that head's training (and fusion/evaluation), never the extraction."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRACTION = ("prepare", "decode", "flow", "features@rgb", "features@flow")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("DVC_NO_ANALYTICS", None)
+    env["DVC_NO_ANALYTICS"] = "1"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def _tiny_params(p: dict) -> dict:
+    p["dataset"]["demo"].update(videos_per_class=4, frames=12, size=32)
+    p["dataset"]["probe_workers"] = 1
+    p["decode"].update(num_frames=8, flow_pairs=2, short_side=32, workers=1)
+    p["flow"].update(algorithm="farneback", workers=1)
+    for s in ("rgb", "flow"):
+        p["features"][s].update(backbone="resnet18", weights="none", crop=32, threads=1)
+    p["train"].update(oof_folds=2, threads=1)
+    for h in p["heads"].values():
+        h["epochs"] = 3
+    p["heads"]["lstm"]["hidden"] = 16
+    p["fusion"]["svm_folds"] = 2
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    proj = tmp_path_factory.mktemp("proj")
+    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore"):
+        shutil.copy(ROOT / name, proj / name)
+    for pkg in ("pipeline", "stages"):
+        shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    params = _tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], proj)
+    _run(["git", "config", "user.email", "t@t.invalid"], proj)
+    _run(["git", "config", "user.name", "t"], proj)
+    _run(["dvc", "init", "-q"], proj)
+    _run(["dvc", "repro"], proj)
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "tiny"], proj)
+    return proj
+
+
+def test_repro_produces_metrics_for_every_head_stream_and_fusion(project: Path) -> None:
+    m = json.loads((project / "data/evaluate/metrics.json").read_text())
+    assert set(m["streams"]) == {"mean_pool", "lstm"}
+    for head in ("mean_pool", "lstm"):
+        assert set(m["streams"][head]) == {"rgb", "flow"}
+        assert set(m["fusion"][head]) == {"sum", "product", "weighted", "svm"}
+        for acc in [*m["streams"][head].values(), *m["fusion"][head].values()]:
+            assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0 and acc["n"] == 6
+    assert (project / "data/evaluate/confusion.png").stat().st_size > 1000
+    assert _status(project) == set()
+
+
+def _status(project: Path) -> set[str]:
+    out = _run(["dvc", "status", "--json"], project).stdout
+    return set(json.loads(out or "{}"))
+
+
+def test_head_param_change_reruns_only_that_head(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["heads"]["lstm"]["hidden"] = 24
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _status(project)
+    assert {"train@lstm-rgb", "train@lstm-flow"} <= changed
+    assert changed <= {"train@lstm-rgb", "train@lstm-flow", "fuse", "evaluate"}
+    _run(["git", "checkout", "params.yaml"], project)
+    assert _status(project) == set()
+
+
+def test_exp_run_set_param_skips_extraction(project: Path) -> None:
+    feats = project / "data/features/rgb/cache"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in feats.iterdir())
+    out = _run(["dvc", "exp", "run", "-S", "heads.lstm.hidden=20"], project)
+    text = out.stdout + out.stderr
+    ran = {line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")}
+    assert {"train@lstm-rgb", "train@lstm-flow"} <= ran
+    assert not ran & set(EXTRACTION), f"extraction re-ran: {ran}"
+    assert not ran & {"train@mean_pool-rgb", "train@mean_pool-flow"}
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in feats.iterdir()) == before

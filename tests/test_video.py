@@ -1,0 +1,207 @@
+"""Tests for pipeline/video.py: the sampling plan, probing, decoding and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.video import SamplePlan, VideoDecodeError, probe, read_frames, sample_plan
+
+# -- sample_plan ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "big_n", "ell"), [(164, 25, 5), (32, 25, 5), (30, 25, 5), (7, 3, 1)])
+def test_plan_windows_fit_inside_the_video(n: int, big_n: int, ell: int) -> None:
+    plan = sample_plan(n, num_points=big_n, pairs=ell)
+    assert not plan.looped
+    assert plan.points.shape == (big_n,)
+    assert plan.windows.shape == (big_n, ell + 1)
+    assert plan.points.min() >= 0 and plan.points.max() < n - ell
+    # Each window is L+1 consecutive frames starting at its point, and all of them exist.
+    np.testing.assert_array_equal(plan.windows, plan.points[:, None] + np.arange(ell + 1))
+    assert plan.windows.max() < n
+    assert np.all(np.diff(plan.points) >= 0)
+
+
+def test_plan_points_spread_uniformly() -> None:
+    n, big_n, ell = 164, 25, 5
+    plan = sample_plan(n, num_points=big_n, pairs=ell)
+    # Exactly one point in each of the N equal segments of the usable span [0, n - L).
+    segment = np.floor(plan.points / ((n - ell) / big_n)).astype(int)
+    assert segment.tolist() == list(range(big_n))
+    gaps = np.diff(plan.points)
+    assert set(gaps.tolist()) <= {6, 7}  # 159 / 25 = 6.36
+
+
+def test_plan_loops_a_video_shorter_than_n_points() -> None:
+    plan = sample_plan(3, num_points=25, pairs=5)
+    assert plan.looped
+    assert plan.points.tolist() == [i % 3 for i in range(25)]
+    assert plan.windows[0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert plan.windows[1].tolist() == [1, 2, 0, 1, 2, 0]
+    np.testing.assert_array_equal(plan.windows, (plan.points[:, None] + np.arange(6)) % 3)
+    assert plan.windows.max() < 3
+    assert plan.needed().tolist() == [0, 1, 2]
+
+
+def test_plan_loops_when_a_window_cannot_fit() -> None:
+    plan = sample_plan(5, num_points=3, pairs=5)  # n >= N but n <= L
+    assert plan.looped
+    assert plan.windows.max() < 5
+    assert plan.windows[0].tolist() == [0, 1, 2, 3, 4, 0]
+
+
+def test_plan_rejects_an_empty_video() -> None:
+    with pytest.raises(ValueError, match="no frames"):
+        sample_plan(0, num_points=25, pairs=5)
+
+
+def test_pairs_dedupe_overlapping_windows() -> None:
+    plan = sample_plan(32, num_points=25, pairs=5)
+    pairs = plan.pairs()
+    # Windows start at 0..26 and overlap: the 125 pairs they contain are the 31 pairs (k, k+1).
+    assert pairs.shape == (31, 2)
+    np.testing.assert_array_equal(pairs, np.stack([np.arange(31), np.arange(1, 32)], axis=1))
+    assert plan.needed().tolist() == list(range(32))
+
+
+def test_pairs_of_a_looped_plan_join_last_to_first() -> None:
+    pairs = {tuple(p) for p in sample_plan(3, num_points=25, pairs=5).pairs().tolist()}
+    assert pairs == {(0, 1), (1, 2), (2, 0)}
+
+
+def test_needed_is_sorted_unique() -> None:
+    plan = SamplePlan(
+        frames=10,
+        points=np.array([4, 1]),
+        windows=np.array([[4, 5, 6], [1, 2, 3]]),
+        looped=False,
+    )
+    assert plan.needed().tolist() == [1, 2, 3, 4, 5, 6]
+
+
+# -- probe and read_frames on real clips ------------------------------------------------------
+
+
+def test_probe_test_avi(videos: Path) -> None:
+    info = probe(videos / "test.avi")
+    assert (info.frames, info.width, info.height) == (164, 320, 240)
+    assert info.fps == pytest.approx(25.0)
+    assert info.duration == pytest.approx(164 / 25)
+
+
+def test_read_frames_is_rgb_uint8_with_short_side_resized(videos: Path) -> None:
+    frames = read_frames(videos / "test.avi", np.array([0, 10, 20]), short_side=60)
+    assert frames.dtype == np.uint8
+    assert frames.shape == (3, 60, 80, 3)  # 320x240 -> 80x60, aspect kept
+    full = read_frames(videos / "test.avi", np.array([10]))
+    assert full.shape == (1, 240, 320, 3)
+
+
+def test_read_frames_is_rgb_not_bgr(videos: Path) -> None:
+    import cv2
+
+    path = videos / "test.avi"
+    cap = cv2.VideoCapture(str(path))
+    ok, bgr = cap.read()
+    cap.release()
+    assert ok
+    rgb = read_frames(path, np.array([0]))[0].astype(np.int16)
+    # The channels differ on this clip, so a swapped order would be far off.
+    assert np.abs(rgb - bgr[..., ::-1].astype(np.int16)).mean() < 3
+    assert np.abs(rgb - bgr.astype(np.int16)).mean() > 3
+
+
+def test_read_frames_honours_repeated_and_unsorted_indices(videos: Path) -> None:
+    path = videos / "test.avi"
+    got = read_frames(path, np.array([163, 0, 5, 5]), short_side=60)
+    ref = read_frames(path, np.array([0, 5, 163]), short_side=60)
+    assert got.shape == (4, 60, 80, 3)
+    np.testing.assert_array_equal(got[0], ref[2])
+    np.testing.assert_array_equal(got[1], ref[0])
+    np.testing.assert_array_equal(got[2], ref[1])
+    np.testing.assert_array_equal(got[3], ref[1])
+    assert not np.array_equal(ref[0], ref[2])  # the frames themselves differ
+
+
+def test_read_frames_out_of_range_names_the_file(videos: Path) -> None:
+    path = videos / "test.avi"
+    with pytest.raises(VideoDecodeError, match=r"frame 164 requested, video has 164") as e:
+        read_frames(path, np.array([0, 164]))
+    assert str(e.value).startswith(str(path))
+
+
+def test_video_0_mov_has_three_frames(videos: Path) -> None:
+    info = probe(videos / "video_0.mov")
+    assert info.frames == 3
+    plan = sample_plan(info.frames, num_points=25, pairs=5)
+    assert plan.looped
+    frames = read_frames(videos / "video_0.mov", plan.needed(), short_side=32)
+    assert frames.shape == (3, 32, 57, 3)  # 568x320 -> 57x32
+
+
+def test_gif_is_read_through_the_opencv_fallback(videos: Path) -> None:
+    path = videos / "v_CricketShot_g04_c01_rgb.gif"
+    info = probe(path)
+    assert (info.frames, info.width, info.height) == (79, 224, 224)
+    frames = read_frames(path, np.array([78, 0, 78]), short_side=32)
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames[0], frames[2])
+    assert not np.array_equal(frames[0], frames[1])
+
+
+# -- errors: VideoDecodeError whose message starts with the path -------------------------------
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.avi"
+    text.write_text("this is not a video\n" * 20)
+    return {"missing": tmp_path / "missing.avi", "empty": empty, "text": text, "dir": tmp_path}
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("missing", "no such file"),
+        ("empty", "empty file"),
+        ("text", "not a decodable video"),
+        ("dir", "is a directory"),
+    ],
+)
+def test_probe_errors_name_the_file(tmp_path: Path, kind: str, reason: str) -> None:
+    path = _bad_files(tmp_path)[kind]
+    with pytest.raises(VideoDecodeError, match=reason) as e:
+        probe(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("missing", "no such file"), ("empty", "empty file"), ("text", "decoding failed")],
+)
+def test_read_frames_errors_name_the_file(tmp_path: Path, kind: str, reason: str) -> None:
+    path = _bad_files(tmp_path)[kind]
+    with pytest.raises(VideoDecodeError, match=reason) as e:
+        read_frames(path, np.array([0]))
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_corrupted_video_fails_to_read_its_planned_frames(videos: Path) -> None:
+    path = videos / "corrupted.mp4"
+    info = probe(path)  # the index claims more frames than decode
+    plan = sample_plan(info.frames, num_points=25, pairs=5)
+    with pytest.raises(VideoDecodeError) as e:
+        read_frames(path, plan.needed(), short_side=32)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ")
+    assert "decodable" in msg or "decoding failed" in msg
+
+
+@pytest.mark.parametrize("indices", [[], [-1, 0]])
+def test_read_frames_rejects_empty_or_negative_indices(videos: Path, indices: list[int]) -> None:
+    with pytest.raises(ValueError, match="test.avi: frame indices"):
+        read_frames(videos / "test.avi", np.array(indices, dtype=np.int64))
