@@ -113,6 +113,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
+    streams: tuple[str, ...] = ("rgb", "flow")  # the per-stream scores that are fused
     methods: tuple[str, ...] = ("sum", "product", "weighted", "svm")
     weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1.0, "flow": 1.5})
     svm_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -123,6 +124,9 @@ class FusionConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     confusion: str = "best"  # "best" or "<head>/<fusion>" or "<head>/<stream>"
+    # Named groups of classes, each a list of class-name prefixes; metrics.json and results.md
+    # report the mean per-class accuracy of every group (the demo: motion/order/appearance-only).
+    class_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 # Keys that are Python keywords are spelled without the underscore in params.yaml.

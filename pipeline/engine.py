@@ -1,4 +1,17 @@
-"""Train, predict and cross-fit loops for temporal heads on cached features."""
+"""Train, predict and cross-fit loops for temporal heads on cached features.
+
+A head is an ``nn.Module`` mapping (B, T, D) (or (B, T, C, H, W)) to logits (B, C). It may also
+define these optional methods, which the loops call when present:
+
+- ``prepare(x: Tensor) -> None``: called once with every training video's features before any
+  optimisation, for statistics fitted on the training set (Res-LSTM's PCA, normalisers).
+- ``loss(x: Tensor, y: Tensor) -> Tensor``: the training objective; default cross-entropy on
+  ``forward(x)``. Heads with auxiliary terms (TSRNN's accumulative loss, RTSAE's eq. 12) use it.
+- ``pretrain_loss(x: Tensor) -> Tensor``: an unsupervised objective, minimised for
+  ``pretrain_epochs`` epochs before the supervised ones (RTSAE's autoencoder stage).
+- ``report() -> dict``: numbers about the last ``forward`` in eval mode (e.g. the fraction of
+  time steps an attention gate kept); the train stage logs them.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +31,16 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 # Keys of a head's params.yaml section that configure training, not the module.
-TRAINING_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "batch_size")
+TRAINING_KEYS = (
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "grad_clip",
+    "pretrain_epochs",
+    "pretrain_lr",
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +50,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     epochs: int = 30
     batch_size: int = 32
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    pretrain_epochs: int = 0  # epochs of the head's pretrain_loss before supervised training
+    pretrain_lr: float | None = None  # None = lr
 
 
 def split_head_params(params: Mapping[str, Any]) -> tuple[TrainSettings, dict[str, Any]]:
@@ -46,13 +71,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    p = model.parameters()
+def _optimizer(model: nn.Module, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    p = [q for q in model.parameters() if q.requires_grad]
     if s.optimizer == "adam":
-        return torch.optim.Adam(p, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.Adam(p, lr=lr, weight_decay=s.weight_decay)
     if s.optimizer == "rmsprop":
-        return torch.optim.RMSprop(p, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(p, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
+        return torch.optim.RMSprop(p, lr=lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=s.weight_decay)
 
 
 def head_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -76,31 +101,83 @@ def fit(
     seed_everything(seed)
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
-    opt = _optimizer(model, s)
+    prepare: Callable[[Tensor], None] | None = getattr(model, "prepare", None)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(xt)
     gen = torch.Generator().manual_seed(seed)
+    pretrain: Callable[[Tensor], Tensor] | None = getattr(model, "pretrain_loss", None)
+    if s.pretrain_epochs and pretrain is None:
+        raise ValueError(f"{type(model).__name__} has no pretrain_loss; set pretrain_epochs: 0")
+    if s.pretrain_epochs:
+        opt = _optimizer(model, s, s.pretrain_lr or s.lr)
+        _epochs(
+            model,
+            opt,
+            s,
+            s.pretrain_epochs,
+            gen,
+            lambda idx: pretrain(xt[idx]),
+            len(xt),
+            f"{desc} (pretrain)",
+        )
+    opt = _optimizer(model, s, s.lr)
+    return _epochs(
+        model, opt, s, s.epochs, gen, lambda idx: head_loss(model, xt[idx], yt[idx]), len(xt), desc
+    )
+
+
+def _epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    s: TrainSettings,
+    epochs: int,
+    gen: torch.Generator,
+    batch_loss: Callable[[Tensor], Tensor],
+    n: int,
+    desc: str,
+) -> list[float]:
+    """Shuffled mini-batch epochs minimising ``batch_loss(indices)`` -> mean loss per epoch."""
     losses = []
     model.train()
-    for _ in progress(range(s.epochs), desc=desc, unit="epoch"):
-        order = torch.randperm(len(xt), generator=gen)
+    for _ in progress(range(epochs), desc=desc, unit="epoch"):
+        order = torch.randperm(n, generator=gen)
         total = 0.0
-        for i in range(0, len(order), s.batch_size):
+        for i in range(0, n, s.batch_size):
             idx = order[i : i + s.batch_size]
             opt.zero_grad()
-            loss = head_loss(model, xt[idx], yt[idx])
+            loss = batch_loss(idx)
             loss.backward()
+            if s.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
             total += loss.item() * len(idx)
-        losses.append(total / len(xt))
+        losses.append(total / n)
     return losses
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """x: (N, T, D) -> softmax probabilities (N, C)."""
+    return predict_report(model, x, batch_size=batch_size)[0]
+
+
+@torch.inference_mode()
+def predict_report(
+    model: nn.Module, x: np.ndarray, *, batch_size: int = 256
+) -> tuple[np.ndarray, dict[str, float]]:
+    """x: (N, T, D) -> (softmax probabilities (N, C), the head's ``report()`` averaged over
+    batches weighted by batch size; empty for heads without one)."""
     model.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
-    out = [model(xt[i : i + batch_size]).softmax(dim=-1) for i in range(0, len(xt), batch_size)]
-    return torch.cat(out).numpy()
+    report = getattr(model, "report", None)
+    out, totals = [], {}
+    for i in range(0, len(xt), batch_size):
+        batch = xt[i : i + batch_size]
+        out.append(model(batch).softmax(dim=-1))
+        if report is not None:
+            for k, v in report().items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
+    return torch.cat(out).numpy(), {k: v / len(xt) for k, v in totals.items()}
 
 
 def out_of_fold(

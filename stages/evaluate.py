@@ -41,6 +41,37 @@ def _summary(table: ScoreTable, num_classes: int) -> dict:
     }
 
 
+def class_groups(
+    classes: tuple[str, ...], spec: dict[str, tuple[str, ...]]
+) -> dict[str, list[int]]:
+    """{group: indices of the classes whose name starts with one of its prefixes}; a group that
+    matches no class is an error (a typo would otherwise report NaN quietly)."""
+    out = {}
+    for group, prefixes in spec.items():
+        idx = [i for i, c in enumerate(classes) if c.startswith(tuple(prefixes))]
+        if not idx:
+            raise SystemExit(
+                f"params.yaml: evaluate.class_groups.{group} {list(prefixes)} matches no class"
+            )
+        out[group] = idx
+    return out
+
+
+def results_table(metrics: dict, groups: dict[str, list[int]]) -> str:
+    """A Markdown table: one row per head and stream or fusion, top-1 and mean-class accuracy
+    (mean over splits) and the mean per-class accuracy of every class group."""
+    cols = ["top-1", "mean class", *groups]
+    lines = ["| head | input | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for kind in ("streams", "fusion"):
+        for head in sorted(metrics[kind]):
+            for name, acc in sorted(metrics[kind][head].items()):
+                label = name if kind == "streams" else f"fused: {name}"
+                cells = [f"{acc['top1']:.3f}", f"{acc['mean_class']:.3f}"]
+                cells += [f"{metrics['class_groups'][f'{head}/{name}'][g]:.3f}" for g in groups]
+                lines.append(f"| {head} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(cfg: EvaluateConfig, *, scores: Path, fused: Path, manifest: Path, out: Path) -> None:
     classes = read_manifest(manifest).classes
     c = len(classes)
@@ -77,6 +108,15 @@ def main(cfg: EvaluateConfig, *, scores: Path, fused: Path, manifest: Path, out:
             )
     metrics["confusion_of"] = chosen
     out.mkdir(parents=True, exist_ok=True)
+    groups = class_groups(classes, cfg.class_groups)
+    if groups:
+        metrics["class_groups"] = {
+            name: {
+                g: round(float(np.nanmean(per_class[name][idx])), 4) for g, idx in groups.items()
+            }
+            for name in sorted(per_class)
+        }
+    (out / "results.md").write_text(results_table(metrics, groups))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     names = sorted(per_class)

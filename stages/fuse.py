@@ -39,7 +39,8 @@ def main(cfg: FusionConfig, *, scores: Path, out: Path) -> None:
         )
     by_head: dict[str, dict[str, ScoreTable]] = {}
     for (head, stream), table in load_score_dir(scores).items():
-        by_head.setdefault(head, {})[stream] = table
+        if stream in cfg.streams:  # joint-input models (rgb+flow) are already fused inside
+            by_head.setdefault(head, {})[stream] = table
     out.mkdir(parents=True, exist_ok=True)
     chosen_c: dict[str, dict[str, float]] = {}
     for head, tables in sorted(by_head.items()):

@@ -1,4 +1,5 @@
-"""train: one temporal head on one stream's cached features, for every split of the manifest.
+"""train: one temporal head on one stream's cached features (or several streams' features
+concatenated along D, e.g. rgb+flow for TS-LSTM and RTSAE), for every split of the manifest.
 Writes per-video softmax scores (test videos, and out-of-fold scores for training videos) and
 the trained weights. Reads only its head's params section and the `train` section."""
 
@@ -15,12 +16,43 @@ import torch
 from pipeline.cache import open_cache
 from pipeline.config import TrainConfig, section
 from pipeline.datasets import read_manifest
-from pipeline.engine import fit, out_of_fold, predict, seed_everything, split_head_params
-from pipeline.heads import build_head
+from pipeline.engine import (
+    fit,
+    out_of_fold,
+    predict,
+    predict_report,
+    seed_everything,
+    split_head_params,
+)
+from pipeline.heads import build_head, head_arguments
 from pipeline.runner import resolve_workers
 from pipeline.scores import ScoreTable, concat, write_scores
 
 log = logging.getLogger("train")
+
+
+def load_features(
+    dirs: list[Path], ids: list[str]
+) -> tuple[dict[str, np.ndarray], list[int], list[str]]:
+    """Features of ``ids`` from one or more feature stages' caches, concatenated along the last
+    axis -> ({id: (T, sum D)}, [D per cache], [backbone per cache]). Videos missing from any
+    cache are left out."""
+    caches = [open_cache(d / "cache", "r") for d in dirs]
+    have = set.intersection(*(set(c.keys()) for c in caches))
+    feats = {}
+    for vid in ids:
+        if vid in have:
+            parts = [c.read(vid).astype(np.float32) for c in caches]
+            if len({p.shape[0] for p in parts}) > 1:
+                raise SystemExit(
+                    f"train: {vid} has {[p.shape[0] for p in parts]} steps in {dirs}; streams must share the sampling"
+                )
+            feats[vid] = np.concatenate(parts, axis=-1)
+    return (
+        feats,
+        [int(c.attrs["dim"]) for c in caches],
+        [str(c.attrs.get("backbone")) for c in caches],
+    )
 
 
 def main(
@@ -29,21 +61,14 @@ def main(
     *,
     head_params: dict,
     cfg: TrainConfig,
-    features: Path,
+    features: list[Path],
     manifest: Path,
     out: Path,
 ) -> None:
     torch.set_num_threads(resolve_workers(cfg.threads))
     settings, model_kwargs = split_head_params(head_params)
     m = read_manifest(manifest)
-    with open_cache(features / "cache", "r") as cache:
-        have = set(cache.keys())
-        feats = {
-            v.video_id: cache.read(v.video_id).astype(np.float32)
-            for v in m.videos
-            if v.video_id in have
-        }
-        attrs = cache.attrs
+    feats, dims, backbones = load_features(features, [v.video_id for v in m.videos])
     missing = [v.video_id for v in m.videos if v.video_id not in feats]
     if missing:
         log.warning(
@@ -52,8 +77,10 @@ def main(
             len(m.videos),
             stream,
         )
-    in_dim = int(attrs["dim"])
+    in_dim = sum(dims)
     num_classes = len(m.classes)
+    if len(dims) > 1 and "stream_dims" in head_arguments(head):
+        model_kwargs = {**model_kwargs, "stream_dims": dims}
 
     def make() -> torch.nn.Module:
         return build_head(head, in_dim=in_dim, num_classes=num_classes, **model_kwargs)
@@ -61,7 +88,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     tables, log_info = (
         [],
-        {"head": head, "stream": stream, "features": attrs.get("backbone"), "splits": {}},
+        {"head": head, "stream": stream, "features": backbones, "splits": {}},
     )
     for split in m.split_names:
         parts = {
@@ -85,7 +112,8 @@ def main(
             desc=f"{head}/{stream} split {split}",
         )
         torch.save(model.state_dict(), out / f"model_split{split}.pt")
-        scores = {"test": predict(model, x["test"])}
+        test_scores, report = predict_report(model, x["test"])
+        scores = {"test": test_scores}
         if cfg.oof_folds >= 2:
             scores["train"] = out_of_fold(
                 make,
@@ -120,7 +148,10 @@ def main(
             "loss_first": losses[0],
             "loss_last": losses[-1],
             "seconds": round(time.perf_counter() - t0, 2),
+            **{f"test_{k}": v for k, v in report.items()},
         }
+        for k, v in report.items():
+            log.info("%s/%s split %s: %s = %.4g", head, stream, split, k, v)
     write_scores(out / "scores.csv", concat(tables))
     (out / "train_log.json").write_text(json.dumps(log_info, indent=1))
 
@@ -130,10 +161,13 @@ if __name__ == "__main__":
 
     args, params = parse(
         __doc__,
-        "features",
         "manifest",
         "out",
-        extra={"head": {"required": True}, "stream": {"required": True}},
+        extra={
+            "head": {"required": True},
+            "stream": {"required": True},
+            "features": {"type": Path, "nargs": "+", "required": True},
+        },
     )
     hp = params.get("heads", {}).get(args.head)
     if hp is None:

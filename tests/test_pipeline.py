@@ -31,6 +31,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _tiny_params(p: dict) -> dict:
+    p["run"].update(heads=["mean_pool", "lstm"], joint_heads=[])
     p["dataset"]["demo"].update(videos_per_class=4, frames=12, size=32)
     p["dataset"]["probe_workers"] = 1
     p["decode"].update(num_frames=8, flow_pairs=2, short_side=32, workers=1)
@@ -73,6 +74,10 @@ def test_repro_produces_metrics_for_every_head_stream_and_fusion(project: Path) 
         for acc in [*m["streams"][head].values(), *m["fusion"][head].values()]:
             assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0 and acc["n"] == 6
     assert (project / "data/evaluate/confusion.png").stat().st_size > 1000
+    groups = m["class_groups"]["lstm/rgb"]
+    assert set(groups) == {"motion-only", "order-only", "appearance-only"}
+    table = (project / "data/evaluate/results.md").read_text()
+    assert "| lstm | fused: svm |" in table and "order-only" in table.splitlines()[0]
     assert _status(project) == set()
 
 

@@ -50,5 +50,14 @@ def build_head(name: str, *, in_dim: int, num_classes: int, **kwargs: Any) -> nn
     return cls(in_dim=in_dim, num_classes=num_classes, **kwargs)
 
 
-# Importing the modules registers the heads.
-from pipeline.heads import lstm, mean_pool  # noqa: E402, F401
+def _import_all() -> None:
+    """Import every module of this package: each registers its head(s) on import."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_import_all()
