@@ -117,7 +117,9 @@ class FeatureCache:
         if not _valid_id(video_id):
             raise CacheError(f"{self.root}: invalid video id {video_id!r}")
         if array.ndim == 0:
-            raise CacheError(f"{self.root}: '{video_id}': a 0-d array is not a feature; give (T, ...)")
+            raise CacheError(
+                f"{self.root}: '{video_id}': a 0-d array is not a feature; give (T, ...)"
+            )
         tmp = self.root / _TMP / f"{video_id}.{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
