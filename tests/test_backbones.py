@@ -206,3 +206,19 @@ def test_flow_input_of_zero_flow_is_about_zero(resnet18_file: Path) -> None:
     x = flow_input(stacks, crop=32, mean=flow.mean, std=flow.std)
     assert x.shape == (2, 10, 32, 32)
     assert x.abs().max() < 0.01
+
+
+def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resnet18_file: Path
+) -> None:
+    """The real loading path for torchvision weights: the DEFAULT enum's file, found offline in
+    $TORCH_HOME/hub/checkpoints under the name torchvision would download it to."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
+    target = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(resnet18_file.read_bytes())
+    bb = build_backbone("resnet18", weights="imagenet")
+    assert str(enum) in bb.weights_id and hashlib.sha256(target.read_bytes()).hexdigest()[:16] in bb.weights_id
+    expected = torch.load(resnet18_file, weights_only=True)["conv1.weight"]
+    torch.testing.assert_close(bb.model.conv1.weight, expected)
