@@ -17,6 +17,7 @@ averaging over the three input channels and replicating the mean over the 2L flo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,32 @@ def _build(name: str, *, weights: str, in_channels: int) -> Backbone:
         std = (float(np.mean(IMAGENET_STD)),) * in_channels
     model.eval().requires_grad_(False)
     return Backbone(name, model, dim, in_channels, mean, std, weights_id)
+
+
+def extract_batched(
+    model: nn.Module, inputs: Iterable[tuple[str, Tensor]], *, batch_size: int
+) -> Iterator[tuple[str, Tensor]]:
+    """Run ``model`` over per-video inputs (T_i, C, H, W), packing the frames of consecutive
+    videos into batches of about ``batch_size`` images (a 25-frame video alone would leave a
+    64-image batch 60% empty) -> (video id, (T_i, D)) in input order."""
+    pending: list[tuple[str, Tensor]] = []
+    count = 0
+
+    def flush() -> Iterator[tuple[str, Tensor]]:
+        x = torch.cat([t for _, t in pending])
+        out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        yield from zip(
+            [v for v, _ in pending], out.split([len(t) for _, t in pending]), strict=True
+        )
+
+    for vid, x in inputs:
+        pending.append((vid, x))
+        count += len(x)
+        if count >= batch_size:
+            yield from flush()
+            pending, count = [], 0
+    if pending:
+        yield from flush()
 
 
 def centre_crop(x: np.ndarray, crop: int) -> np.ndarray:

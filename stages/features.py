@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.backbones import build_backbone, flow_input, rgb_input
+from pipeline.backbones import build_backbone, extract_batched, flow_input, rgb_input
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, section
 from pipeline.plan import read_plan
@@ -103,16 +104,18 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
             num_workers=workers,
             multiprocessing_context="spawn" if workers else None,
         )
-        with torch.inference_mode():
+
+        def decoded() -> Iterator[tuple[str, torch.Tensor]]:
             for vid, x, err in progress(
                 loader, desc=f"features ({stream}, {cfg.backbone})", total=len(todo)
             ):
                 if err:
                     failures.append(Failure(vid, paths[vid], "features", err))
-                    continue
-                feats = torch.cat(
-                    [bb.model(x[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-                )
+                else:
+                    yield vid, x
+
+        with torch.inference_mode():
+            for vid, feats in extract_batched(bb.model, decoded(), batch_size=cfg.batch_size):
                 cache.write(vid, feats.numpy().astype(np.float16), {"source": sources[vid]})
         n_ok = len(cache.up_to_date(sources))
     n = write_failures(out / "failures.csv", failures)

@@ -16,6 +16,7 @@ from pipeline.backbones import (
     IMAGENET_STD,
     WeightsError,
     build_backbone,
+    extract_batched,
     centre_crop,
     flow_input,
     rgb_input,
@@ -222,3 +223,22 @@ def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
     assert str(enum) in bb.weights_id and hashlib.sha256(target.read_bytes()).hexdigest()[:16] in bb.weights_id
     expected = torch.load(resnet18_file, weights_only=True)["conv1.weight"]
     torch.testing.assert_close(bb.model.conv1.weight, expected)
+
+
+def test_extract_batched_packs_videos_and_keeps_each_ones_rows(resnet18_file: Path) -> None:
+    bb = build_backbone("resnet18", weights=str(resnet18_file))
+    videos = [(f"v{i}", torch.randn(t, 3, 32, 32)) for i, t in enumerate([5, 1, 7, 3, 9])]
+    calls = []
+    model = bb.model
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return model(x)
+
+    with torch.inference_mode():
+        got = list(extract_batched(counting, iter(videos), batch_size=8))
+        alone = {v: model(x) for v, x in videos}
+    assert [v for v, _ in got] == [v for v, _ in videos]
+    for v, f in got:
+        torch.testing.assert_close(f, alone[v], rtol=1e-4, atol=1e-4)
+    assert max(calls) <= 8 and len(calls) < len(videos) + 2  # frames of several videos share a batch
