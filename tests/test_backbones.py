@@ -16,8 +16,8 @@ from pipeline.backbones import (
     IMAGENET_STD,
     WeightsError,
     build_backbone,
-    extract_batched,
     centre_crop,
+    extract_batched,
     flow_input,
     rgb_input,
 )
@@ -220,7 +220,10 @@ def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
     target.parent.mkdir(parents=True)
     target.write_bytes(resnet18_file.read_bytes())
     bb = build_backbone("resnet18", weights="imagenet")
-    assert str(enum) in bb.weights_id and hashlib.sha256(target.read_bytes()).hexdigest()[:16] in bb.weights_id
+    assert (
+        str(enum) in bb.weights_id
+        and hashlib.sha256(target.read_bytes()).hexdigest()[:16] in bb.weights_id
+    )
     expected = torch.load(resnet18_file, weights_only=True)["conv1.weight"]
     torch.testing.assert_close(bb.model.conv1.weight, expected)
 
@@ -241,4 +244,6 @@ def test_extract_batched_packs_videos_and_keeps_each_ones_rows(resnet18_file: Pa
     assert [v for v, _ in got] == [v for v, _ in videos]
     for v, f in got:
         torch.testing.assert_close(f, alone[v], rtol=1e-4, atol=1e-4)
-    assert max(calls) <= 8 and len(calls) < len(videos) + 2  # frames of several videos share a batch
+    assert (
+        max(calls) <= 8 and len(calls) < len(videos) + 2
+    )  # frames of several videos share a batch

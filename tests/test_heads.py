@@ -111,3 +111,23 @@ def test_mean_pool_ignores_order_lstm_does_not() -> None:
     torch.testing.assert_close(mean_pool(x[:, perm]), mean_pool(x))
     lstm = _build("lstm").eval()
     assert not torch.allclose(lstm(x[:, perm]), lstm(x), atol=1e-4)
+
+
+def test_params_yaml_configures_every_head_with_known_arguments() -> None:
+    """Every registered head has a params.yaml section whose keys are training settings or the
+    head's own constructor arguments, and it builds from them."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.engine import split_head_params
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert set(params["heads"]) == set(HEADS)
+    assert set(params["run"]["heads"]) | set(params["run"]["joint_heads"]) <= set(HEADS)
+    for name, section in params["heads"].items():
+        _, kwargs = split_head_params(section)
+        assert set(kwargs) <= head_arguments(name), (
+            f"heads.{name}: unknown {set(kwargs) - head_arguments(name)}"
+        )
+        build_head(name, in_dim=D, num_classes=C, **kwargs)
