@@ -25,6 +25,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """What the train stages train: every head on every stream, joint heads on rgb+flow."""
+
+    heads: tuple[str, ...] = ("mean_pool", "lstm")
+    streams: tuple[str, ...] = ("rgb", "flow")
+    joint_heads: tuple[str, ...] = ()
+
+    def trained(self) -> list[tuple[str, str]]:
+        """(head, input) of every train stage; input is a stream or 'rgb+flow'."""
+        joint = "+".join(self.streams)
+        return [(h, s) for h in self.heads for s in self.streams] + [
+            (h, joint) for h in self.joint_heads
+        ]
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     videos_per_class: int = 16
     frames: int = 32

@@ -82,12 +82,20 @@ def concat(tables: list[ScoreTable]) -> ScoreTable:
     )
 
 
-def load_score_dir(root: Path) -> dict[tuple[str, str], ScoreTable]:
-    """``root/<head>-<name>/scores.csv`` for every sub-folder -> {(head, name): table}."""
+def load_score_dir(
+    root: Path, models: list[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], ScoreTable]:
+    """``root/<head>-<name>/scores.csv`` -> {(head, name): table}, for the given ``models`` (a
+    missing one is an error naming its path) or, when None, every sub-folder. Train outputs
+    share one parent folder, so readers pass the configured models: a folder left by a head
+    since removed from params must not reach the metrics."""
+    if models is None:
+        found = sorted(p for p in Path(root).iterdir() if (p / "scores.csv").is_file())
+        models = [tuple(d.name.rpartition("-")[::2]) for d in found]  # type: ignore[misc]
     out = {}
-    for d in sorted(p for p in Path(root).iterdir() if (p / "scores.csv").is_file()):
-        head, _, name = d.name.rpartition("-")
-        if not head:
-            raise ValueError(f"{d}: folder name must be '<head>-<stream or fusion>'")
-        out[(head, name)] = read_scores(d / "scores.csv")
+    for head, name in models:
+        path = Path(root) / f"{head}-{name}" / "scores.csv"
+        if not head or not path.is_file():
+            raise FileNotFoundError(f"{path}: no scores (run the stage that writes them)")
+        out[(head, name)] = read_scores(path)
     return out

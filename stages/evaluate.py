@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import EvaluateConfig, section
+from pipeline.config import EvaluateConfig, RunConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.metrics import (
     accuracy,
@@ -72,11 +72,13 @@ def results_table(metrics: dict, groups: dict[str, list[int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(cfg: EvaluateConfig, *, scores: Path, fused: Path, manifest: Path, out: Path) -> None:
+def main(
+    cfg: EvaluateConfig, run: RunConfig, *, scores: Path, fused: Path, manifest: Path, out: Path
+) -> None:
     classes = read_manifest(manifest).classes
     c = len(classes)
     models = {
-        **{f"{h}/{s}": t for (h, s), t in load_score_dir(scores).items()},
+        **{f"{h}/{s}": t for (h, s), t in load_score_dir(scores, run.trained()).items()},
         **{f"{h}/{m}": t for (h, m), t in load_score_dir(fused).items()},
     }
     if not models:
@@ -154,6 +156,7 @@ if __name__ == "__main__":
     args, params = parse(__doc__, "scores", "fused", "manifest", "out")
     main(
         section(params, "evaluate", EvaluateConfig),
+        section(params, "run", RunConfig),
         scores=args.scores,
         fused=args.fused,
         manifest=args.manifest,

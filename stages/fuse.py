@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FusionConfig, section
+from pipeline.config import FusionConfig, RunConfig, section
 from pipeline.fusion import FUSIONS, fuse_scores, svm_fuse
 from pipeline.scores import ScoreTable, concat, load_score_dir, write_scores
 
@@ -31,14 +31,14 @@ def _aligned(
     return common, np.array([label_of[v] for v in common], dtype=np.int64), streams
 
 
-def main(cfg: FusionConfig, *, scores: Path, out: Path) -> None:
+def main(cfg: FusionConfig, run: RunConfig, *, scores: Path, out: Path) -> None:
     unknown = set(cfg.methods) - set(FUSIONS)
     if unknown:
         raise SystemExit(
             f"params.yaml: fusion.methods has unknown {sorted(unknown)} (choose from {FUSIONS})"
         )
     by_head: dict[str, dict[str, ScoreTable]] = {}
-    for (head, stream), table in load_score_dir(scores).items():
+    for (head, stream), table in load_score_dir(scores, run.trained()).items():
         if stream in cfg.streams:  # joint-input models (rgb+flow) are already fused inside
             by_head.setdefault(head, {})[stream] = table
     out.mkdir(parents=True, exist_ok=True)
@@ -79,4 +79,9 @@ if __name__ == "__main__":
     from stages._cli import parse
 
     args, params = parse(__doc__, "scores", "out")
-    main(section(params, "fusion", FusionConfig), scores=args.scores, out=args.out)
+    main(
+        section(params, "fusion", FusionConfig),
+        section(params, "run", RunConfig),
+        scores=args.scores,
+        out=args.out,
+    )
