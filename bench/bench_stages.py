@@ -83,6 +83,38 @@ def bench_backbone(name: str, weights: str, x, in_channels: int, repeats: int = 
     return len(x) / best
 
 
+def bench_bf16(x) -> list[tuple[str, str, float, str]]:  # noqa: ANN001
+    """fp32 eager against channels_last + bf16 autocast on real frames: throughput and the cosine
+    similarity of the features (what features.<stream>.precision: bf16 does)."""
+    import torch
+
+    from pipeline.backbones import build_backbone, inference_context, resolve_precision
+
+    cpu = torch.device("cpu")
+    if resolve_precision("auto", cpu) != "bf16":
+        return [("test.avi", "bf16: this CPU has no native bf16, skipped", 0.0, "")]
+    rows = []
+    for name, weights in (("resnet50", "none"), ("efficientnet_lite0", "imagenet")):
+        bb = build_backbone(name, weights=weights)
+        with torch.inference_mode():
+            ref = bb.model(x)
+            model = bb.model.to(memory_format=torch.channels_last)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            with inference_context(cpu, "bf16"):
+                model(xc)  # warm-up
+                best = float("inf")
+                for _ in range(2):
+                    t = time.perf_counter()
+                    low = model(xc).float()
+                    best = min(best, time.perf_counter() - t)
+        cos = float(torch.nn.functional.cosine_similarity(ref, low, dim=1).min())
+        rows.append(
+            ("test.avi", f"backbone {name} rgb 224px bf16+channels_last", len(x) / best, "images/s")
+        )
+        rows.append(("test.avi", f"{name} bf16 vs fp32 feature cosine (min)", cos, ""))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--flow-videos", type=int, default=24, help="demo videos timed for flow")
@@ -166,19 +198,20 @@ def main() -> None:
         from pipeline.flow import make_flow_fn
 
         cv2.setNumThreads(1)
-        for algo in ("tvl1", "farneback"):
+        flows, speed = {}, {}
+        for algo in ("tvl1", "tvl1_fast", "farneback"):
             fn = make_flow_fn(FlowConfig(algorithm=algo))
             t = time.perf_counter()
-            for a, b in zip(grey[:-1], grey[1:], strict=True):
-                fn(a, b)
-            rows.append(
-                (
-                    "test.avi",
-                    f"flow {algo} 256x341, 1 thread",
-                    10 / (time.perf_counter() - t),
-                    "pairs/s",
-                )
-            )
+            flows[algo] = [fn(a, b) for a, b in zip(grey[:-1], grey[1:], strict=True)]
+            speed[algo] = 10 / (time.perf_counter() - t)
+            rows.append(("test.avi", f"flow {algo} 256x341, 1 thread", speed[algo], "pairs/s"))
+        pairs = zip(flows["tvl1_fast"], flows["tvl1"], strict=True)
+        epe = np.mean([np.linalg.norm(f - r, axis=2).mean() for f, r in pairs])
+        mag = np.mean([np.linalg.norm(r, axis=2).mean() for r in flows["tvl1"]])
+        rows.append(
+            ("test.avi", "tvl1_fast speed-up over tvl1", speed["tvl1_fast"] / speed["tvl1"], "x")
+        )
+        rows.append(("test.avi", f"tvl1_fast EPE vs tvl1 (mean |flow| {mag:.2f} px)", epe, "px"))
         cv2.setNumThreads(-1)
         x = rgb_input(
             read_frames(TEST_AVI, plan.points, short_side=256),
@@ -187,14 +220,9 @@ def main() -> None:
             std=(0.25,) * 3,
         )
         for name, weights in (("resnet50", "none"), ("efficientnet_lite0", "imagenet")):
-            rows.append(
-                (
-                    "test.avi",
-                    f"backbone {name} rgb 224px fp32",
-                    bench_backbone(name, weights, x, 3, repeats=2),
-                    "images/s",
-                )
-            )
+            ips = bench_backbone(name, weights, x, 3, repeats=2)
+            rows.append(("test.avi", f"backbone {name} rgb 224px fp32", ips, "images/s"))
+        rows += bench_bf16(x)
     else:
         print(f"(skipping test.avi: {TEST_AVI} not found)")
 

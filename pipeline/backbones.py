@@ -16,6 +16,7 @@ averaging over the three input channels and replicating the mean over the 2L flo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -178,7 +179,9 @@ def extract_batched(
 
     def flush() -> Iterator[tuple[str, Tensor]]:
         x = torch.cat([t for _, t in pending])
-        out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        out = torch.cat(
+            [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        )
         yield from zip(
             [v for v, _ in pending], out.split([len(t) for _, t in pending]), strict=True
         )
@@ -191,6 +194,45 @@ def extract_batched(
             pending, count = [], 0
     if pending:
         yield from flush()
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX,
+    CUDA GPUs that support it), fp16 on other GPUs, else fp32. fp16 on CPU is refused: oneDNN
+    has no fast fp16 path there and it would only lose precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    if precision == "fp16":
+        raise ValueError("precision fp16 is for GPUs; on CPU use bf16 (or fp32)")
+    if precision == "auto":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return precision
+
+
+def inference_context(device: torch.device, precision: str):  # noqa: ANN201 - a context manager
+    """Autocast for bf16/fp16 inference on ``device``; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def centre_crop(x: np.ndarray, crop: int) -> np.ndarray:

@@ -97,7 +97,7 @@ class FarnebackConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    algorithm: str = "tvl1"  # tvl1 | farneback
+    algorithm: str = "tvl1"  # tvl1 | tvl1_fast | farneback
     bound: float = 20.0  # flow is clipped to +-bound and mapped to uint8 [0, 255]
     workers: int = 0  # 0 = every core
     tvl1: TVL1Config = field(default_factory=TVL1Config)
@@ -111,6 +111,8 @@ class StreamFeaturesConfig:
     crop: int = 224
     batch_size: int = 32
     threads: int = 0  # torch intra-op threads; 0 = every core
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device has it natively)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
 
 @dataclass(frozen=True)

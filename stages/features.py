@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbones import build_backbone, extract_batched, flow_input, rgb_input
+from pipeline.backbones import (
+    build_backbone,
+    extract_batched,
+    flow_input,
+    inference_context,
+    resolve_device,
+    resolve_precision,
+    rgb_input,
+)
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, section
 from pipeline.plan import read_plan
@@ -72,6 +80,10 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
     else:
         raise SystemExit(f"features: unknown stream '{stream}' (rgb or flow)")
     bb = build_backbone(cfg.backbone, weights=cfg.weights, in_channels=in_ch)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolution kernels
+    model = bb.model.to(device, memory_format=torch.channels_last)
     attrs = {
         "kind": "features",
         "stream": stream,
@@ -82,6 +94,8 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
         "dtype": "float16",
         "layout": "(T, D)",
         "dim": bb.dim,
+        "precision": precision,
+        "device": device.type,
         "torch": torch.__version__,
         **upstream,
     }
@@ -103,6 +117,7 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
             batch_size=None,
             num_workers=workers,
             multiprocessing_context="spawn" if workers else None,
+            pin_memory=device.type == "cuda",
         )
 
         def decoded() -> Iterator[tuple[str, torch.Tensor]]:
@@ -112,11 +127,13 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
                 if err:
                     failures.append(Failure(vid, paths[vid], "features", err))
                 else:
-                    yield vid, x
+                    x = x.to(device, non_blocking=True)
+                    yield vid, x.contiguous(memory_format=torch.channels_last)
 
-        with torch.inference_mode():
-            for vid, feats in extract_batched(bb.model, decoded(), batch_size=cfg.batch_size):
-                cache.write(vid, feats.numpy().astype(np.float16), {"source": sources[vid]})
+        with torch.inference_mode(), inference_context(device, precision):
+            for vid, feats in extract_batched(model, decoded(), batch_size=cfg.batch_size):
+                feats = feats.float().cpu().numpy().astype(np.float16)
+                cache.write(vid, feats, {"source": sources[vid]})
         n_ok = len(cache.up_to_date(sources))
     n = write_failures(out / "failures.csv", failures)
     counts = report(

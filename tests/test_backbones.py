@@ -19,6 +19,9 @@ from pipeline.backbones import (
     centre_crop,
     extract_batched,
     flow_input,
+    inference_context,
+    resolve_device,
+    resolve_precision,
     rgb_input,
 )
 from pipeline.video import read_frames
@@ -247,3 +250,35 @@ def test_extract_batched_packs_videos_and_keeps_each_ones_rows(resnet18_file: Pa
     assert (
         max(calls) <= 8 and len(calls) < len(videos) + 2
     )  # frames of several videos share a batch
+
+
+def test_precision_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int8", cpu)
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_bf16_features_match_fp32_on_real_frames(videos: Path) -> None:
+    """bf16 autocast + channels_last changes the numbers only slightly (cosine >= 0.99)."""
+    bb = build_backbone("efficientnet_lite0", weights="imagenet")
+    frames = read_frames(videos / "example.avi", np.array([5, 40, 80]), short_side=128)
+    x = rgb_input(frames, crop=112, mean=bb.mean, std=bb.std)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        ref = bb.model(x)
+        model = bb.model.to(memory_format=torch.channels_last)
+        with inference_context(cpu, "bf16"):
+            low = model(x.contiguous(memory_format=torch.channels_last)).float()
+    cos = torch.nn.functional.cosine_similarity(ref, low, dim=1)
+    assert (cos >= 0.99).all(), cos
+    assert not torch.equal(ref, low)  # bf16 really ran

@@ -51,7 +51,7 @@ def _shifted_texture(shift: int) -> tuple[np.ndarray, np.ndarray]:
     return tex[8:72, 8:72].copy(), tex[8:72, 8 - shift : 72 - shift].copy()
 
 
-@pytest.mark.parametrize("algorithm", ["tvl1", "farneback"])
+@pytest.mark.parametrize("algorithm", ["tvl1", "tvl1_fast", "farneback"])
 @pytest.mark.parametrize("shift", [3, -3])
 def test_flow_recovers_a_horizontal_shift(algorithm: str, shift: int) -> None:
     a, b = _shifted_texture(shift)
@@ -128,3 +128,19 @@ def test_flow_settings_keep_only_what_determines_the_values() -> None:
     # workers never changes the values, so it must not change the cache identity either.
     assert flow_settings(FlowConfig(workers=1)) == flow_settings(FlowConfig(workers=8))
     assert flow_settings(FlowConfig(bound=10)) != flow_settings(FlowConfig(bound=20))
+
+
+def test_tvl1_fast_is_the_tvl1_block_with_the_preset_applied() -> None:
+    cfg = FlowConfig(algorithm="tvl1_fast")
+    s = flow_settings(cfg)["tvl1"]
+    assert (s["scales"], s["warps"], s["inner_iterations"], s["outer_iterations"]) == (3, 1, 10, 5)
+    assert s["tau"] == cfg.tvl1.tau  # untouched keys come from the block
+    assert flow_settings(cfg) != flow_settings(FlowConfig(algorithm="tvl1"))
+
+
+def test_tvl1_fast_is_close_to_tvl1() -> None:
+    a, b = _shifted_texture(2)
+    slow = make_flow_fn(FlowConfig(algorithm="tvl1"))(a, b)
+    fast = make_flow_fn(FlowConfig(algorithm="tvl1_fast"))(a, b)
+    epe = np.linalg.norm(slow - fast, axis=2)[8:-8, 8:-8].mean()
+    assert epe < 0.2, epe

@@ -4,6 +4,7 @@ interrupted flow/features resume without recomputing finished videos."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -236,3 +237,24 @@ def test_flow_settings_change_starts_the_cache_over(tiny_demo: Path, tmp_path: P
     assert again.skipped == 0 and again.done == 24
     with open_cache(out / "cache", "r") as c:
         assert c.attrs["flow"]["bound"] == 10.0
+
+
+def test_features_precision_is_recorded_and_a_change_restarts(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rgb"
+    fp32 = StreamFeaturesConfig(
+        backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1, device="cpu"
+    )
+    features.main(fp32, stream="rgb", source=tiny_demo / "decode", out=out)
+    with open_cache(out / "cache", "r") as c:
+        assert (c.attrs["precision"], c.attrs["device"]) == ("fp32", "cpu")
+        ref = c.read(c.keys()[0]).astype(np.float32)
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    again = features.main(bf16, stream="rgb", source=tiny_demo / "decode", out=out)
+    assert again.skipped == 0 and again.done == 24  # other numerics: never mixed with fp32 rows
+    with open_cache(out / "cache", "r") as c:
+        assert c.attrs["precision"] == "bf16"
+        low = c.read(c.keys()[0]).astype(np.float32)
+    cos = (ref * low).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(low, axis=1))
+    assert cos.min() > 0.98 and not np.array_equal(ref, low)
