@@ -229,7 +229,8 @@ def main() -> None:
     width = max(len(r[1]) for r in rows)
     print(f"\n{'input':<9} {'stage':<{width}}  throughput")
     for inp, stage, value, unit in rows:
-        print(f"{inp:<9} {stage:<{width}}  {value:8.2f} {unit}")
+        digits = 4 if unit in ("", "px") else 2  # cosines and end-point errors need more
+        print(f"{inp:<9} {stage:<{width}}  {value:8.{digits}f} {unit}")
 
 
 if __name__ == "__main__":
