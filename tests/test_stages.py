@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.cache import open_cache
 from pipeline.config import (
@@ -258,3 +259,42 @@ def test_features_precision_is_recorded_and_a_change_restarts(
         low = c.read(c.keys()[0]).astype(np.float32)
     cos = (ref * low).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(low, axis=1))
     assert cos.min() > 0.98 and not np.array_equal(ref, low)
+
+
+def test_joint_training_concatenates_streams_and_logs_the_head_report(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """train on rgb+flow: features concatenated along D, stream_dims passed to a head that takes
+    it (RTSAE, eqs. 15-16), and the head's report (fraction of steps kept) logged."""
+    import json
+
+    from pipeline.config import TrainConfig
+    from stages import train
+
+    m = read_manifest(tiny_demo / "prepare" / "manifest.csv")
+    rng = np.random.default_rng(0)
+    dirs = []
+    for stream in ("rgb", "flow"):
+        d = tmp_path / stream
+        with open_cache(d / "cache", "w", attrs={"dim": 8, "backbone": "synthetic"}) as c:
+            for v in m.videos:
+                c.write(v.video_id, (rng.normal(size=(5, 8)) + v.label).astype(np.float16))
+        dirs.append(d)
+    params = {"hidden": 8, "encoder_hidden": 8, "projection_dim": 4, "epochs": 2, "batch_size": 8}
+    out = tmp_path / "out"
+    train.main(
+        "rtsae",
+        "rgb+flow",
+        head_params=params,
+        cfg=TrainConfig(oof_folds=0, threads=1),
+        features=dirs,
+        manifest=tiny_demo / "prepare" / "manifest.csv",
+        out=out,
+    )
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["features"] == ["synthetic", "synthetic"]
+    assert 0.0 < log["splits"]["1"]["test_kept_fraction"] <= 1.0
+    state = torch.load(out / "model_split1.pt", weights_only=True)
+    assert "log_w_f" in state  # the two-stream fusion weight of eq. 16 exists only with stream_dims
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(m.videos) and rows[0].startswith("split,subset,video_id,label")
