@@ -31,17 +31,16 @@ class Plan:
     settings: DecodeConfig
     videos: dict[str, PlannedVideo]
 
-    def sampling(self, video_id: str) -> SamplePlan:
-        v = self.videos[video_id]
-        return sample_plan(
-            v.frames, num_points=self.settings.num_frames, pairs=self.settings.flow_pairs
-        )
-
     def identity(self) -> dict:
         """What decides the sampled frames and their size, for downstream cache metadata."""
         s = asdict(self.settings)
         s.pop("workers")
         return s
+
+
+def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
+    """The windows the decode settings sample from a video of ``frames`` frames."""
+    return sample_plan(frames, num_points=settings.num_frames, pairs=settings.flow_pairs)
 
 
 def write_plan(path: Path, plan: Plan) -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from pipeline.config import DecodeConfig, section
 from pipeline.datasets import read_manifest
-from pipeline.plan import Plan, PlannedVideo, write_plan
+from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
 from pipeline.runner import Counts, Failure, map_videos, report, write_failures
-from pipeline.video import read_frames, sample_plan
+from pipeline.video import read_frames
 
 
 def _check(item: tuple[str, str, int, str], cfg: DecodeConfig) -> PlannedVideo:
     vid, path, frames, source = item
-    sp = sample_plan(frames, num_points=cfg.num_frames, pairs=cfg.flow_pairs)
+    sp = sampling(cfg, frames)
     read_frames(Path(path), sp.needed(), short_side=cfg.short_side)  # raises VideoDecodeError
     return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source)
 

@@ -102,6 +102,7 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
     failures = []
     with open_cache(out / "cache", "a", attrs=attrs) as cache:
         done = cache.up_to_date(sources)
+        written = 0
         todo = [v for v in ids if v not in done]
         if stream == "rgb":
             items = [
@@ -134,11 +135,12 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
             for vid, feats in extract_batched(model, decoded(), batch_size=cfg.batch_size):
                 feats = feats.float().cpu().numpy().astype(np.float16)
                 cache.write(vid, feats, {"source": sources[vid]})
-        n_ok = len(cache.up_to_date(sources))
+                written += 1
+    n_ok = len(done) + written
     n = write_failures(out / "failures.csv", failures)
     counts = report(
         f"features ({stream})",
-        done=n_ok - len(done),
+        done=written,
         skipped=len(done),
         failed=n,
         failures_file=out / "failures.csv",

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import open_cache
-from pipeline.config import FlowConfig, section
+from pipeline.config import DecodeConfig, FlowConfig, section
 from pipeline.flow import flow_settings, video_flow
 from pipeline.plan import Plan, read_plan
+from pipeline.plan import sampling as sampling_of
 from pipeline.runner import Counts, Failure, map_videos, report, write_failures
 
 
@@ -21,10 +22,11 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
 
 
-def _flow(video_id: str, *, plan: Plan, cfg: FlowConfig) -> np.ndarray:
-    v = plan.videos[video_id]
+def _flow(item: tuple[str, str, int], *, settings: DecodeConfig, cfg: FlowConfig) -> np.ndarray:
+    """item: (video id, path, frames). Only this video travels to the worker, not the plan."""
+    _, path, frames = item
     return video_flow(
-        Path(v.path), plan.sampling(video_id), cfg, short_side=plan.settings.short_side
+        Path(path), sampling_of(settings, frames), cfg, short_side=settings.short_side
     )
 
 
@@ -45,20 +47,22 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
     failures = []
     with open_cache(out / "cache", "a", attrs=cache_attrs(plan, cfg)) as cache:
         done = cache.up_to_date({k: v.source for k, v in plan.videos.items()})
-        todo = [vid for vid in sorted(plan.videos) if vid not in done]
-        fn = partial(_flow, plan=plan, cfg=cfg)
-        for vid, stacks, err in map_videos(
+        todo = [(k, v.path, v.frames) for k, v in sorted(plan.videos.items()) if k not in done]
+        fn = partial(_flow, settings=plan.settings, cfg=cfg)
+        written = 0
+        for (vid, path, _), stacks, err in map_videos(
             fn, todo, workers=cfg.workers, desc=f"flow ({cfg.algorithm})", initializer=_one_thread
         ):
             if err:
-                failures.append(Failure(vid, plan.videos[vid].path, "flow", err))
+                failures.append(Failure(vid, path, "flow", err))
             else:
                 cache.write(vid, stacks, {"source": plan.videos[vid].source})
-        n_ok = len(cache.up_to_date({k: v.source for k, v in plan.videos.items()}))
+                written += 1
+    n_ok = len(done) + written
     n = write_failures(out / "failures.csv", failures)
     counts = report(
         "flow",
-        done=n_ok - len(done),
+        done=written,
         skipped=len(done),
         failed=n,
         failures_file=out / "failures.csv",
