@@ -107,11 +107,19 @@ class Counts:
     failed: int
 
 
-def report(stage: str, *, done: int, skipped: int, failed: int, failures_file: Path) -> Counts:
-    """Log the closing count of a stage; failures are listed in ``failures_file``."""
+def finish(
+    stage: str, failures_file: Path, failures: Iterable[Failure], *, done: int, skipped: int
+) -> Counts:
+    """Close a per-video stage: write ``failures_file``, log the counts, and stop the stage
+    (SystemExit) when no video succeeded, so DVC never records an empty output as done."""
+    failed = write_failures(failures_file, failures)
     msg = f"{stage}: {done} done, {skipped} already done (resumed), {failed} failed"
     if failed:
         log.warning("%s; reasons in %s", msg, failures_file)
     else:
         log.info(msg)
+    if done + skipped == 0:
+        raise SystemExit(
+            f"{stage}: no video succeeded ({failed} failed; reasons in {failures_file})"
+        )
     return Counts(done, skipped, failed)

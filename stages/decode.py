@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import DecodeConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
-from pipeline.runner import Counts, Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, finish, map_videos
 from pipeline.video import read_frames
 
 
@@ -38,13 +38,7 @@ def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts
         else:
             planned[pv.video_id] = pv
     write_plan(out / "plan.json", Plan(cfg, planned))
-    n = write_failures(out / "failures.csv", failures)
-    counts = report(
-        "decode", done=len(planned), skipped=0, failed=n, failures_file=out / "failures.csv"
-    )
-    if not planned:
-        raise SystemExit("decode: no video could be decoded")
-    return counts
+    return finish("decode", out / "failures.csv", failures, done=len(planned), skipped=0)
 
 
 if __name__ == "__main__":

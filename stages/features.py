@@ -22,7 +22,7 @@ from pipeline.backbones import (
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, section
 from pipeline.plan import read_plan
-from pipeline.runner import Counts, Failure, progress, report, resolve_workers, write_failures
+from pipeline.runner import Counts, Failure, finish, progress, resolve_workers
 from pipeline.video import read_frames
 
 log = logging.getLogger("features")
@@ -136,18 +136,9 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
                 feats = feats.float().cpu().numpy().astype(np.float16)
                 cache.write(vid, feats, {"source": sources[vid]})
                 written += 1
-    n_ok = len(done) + written
-    n = write_failures(out / "failures.csv", failures)
-    counts = report(
-        f"features ({stream})",
-        done=written,
-        skipped=len(done),
-        failed=n,
-        failures_file=out / "failures.csv",
+    return finish(
+        f"features ({stream})", out / "failures.csv", failures, done=written, skipped=len(done)
     )
-    if n_ok == 0:
-        raise SystemExit(f"features ({stream}): no video has features")
-    return counts
 
 
 if __name__ == "__main__":

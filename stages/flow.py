@@ -13,7 +13,7 @@ from pipeline.config import DecodeConfig, FlowConfig, section
 from pipeline.flow import flow_settings, video_flow
 from pipeline.plan import Plan, read_plan
 from pipeline.plan import sampling as sampling_of
-from pipeline.runner import Counts, Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, finish, map_videos
 
 
 def _one_thread() -> None:
@@ -58,18 +58,7 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
             else:
                 cache.write(vid, stacks, {"source": plan.videos[vid].source})
                 written += 1
-    n_ok = len(done) + written
-    n = write_failures(out / "failures.csv", failures)
-    counts = report(
-        "flow",
-        done=written,
-        skipped=len(done),
-        failed=n,
-        failures_file=out / "failures.csv",
-    )
-    if n_ok == 0:
-        raise SystemExit("flow: no video has flow")
-    return counts
+    return finish("flow", out / "failures.csv", failures, done=written, skipped=len(done))
 
 
 if __name__ == "__main__":

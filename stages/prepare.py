@@ -12,7 +12,7 @@ from pipeline import datasets
 from pipeline.config import DatasetConfig, section
 from pipeline.demo import generate_demo
 from pipeline.fingerprint import file_sha256
-from pipeline.runner import Counts, Failure, map_videos, report, write_failures
+from pipeline.runner import Counts, Failure, finish, map_videos
 from pipeline.video import probe
 
 log = logging.getLogger("prepare")
@@ -98,13 +98,7 @@ def main(cfg: DatasetConfig, out: Path) -> Counts:
                 ]
             )
     datasets.write_manifest(manifest.without(f.video_id for f in failures), out / "manifest.csv")
-    n = write_failures(out / "failures.csv", failures)
-    counts = report(
-        "prepare", done=len(probes), skipped=0, failed=n, failures_file=out / "failures.csv"
-    )
-    if not probes:
-        raise SystemExit(f"prepare: none of the {len(paths)} videos could be opened")
-    return counts
+    return finish("prepare", out / "failures.csv", failures, done=len(probes), skipped=0)
 
 
 if __name__ == "__main__":

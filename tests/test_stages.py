@@ -298,3 +298,20 @@ def test_joint_training_concatenates_streams_and_logs_the_head_report(
     assert "log_w_f" in state  # the two-stream fusion weight of eq. 16 exists only with stream_dims
     rows = (out / "scores.csv").read_text().splitlines()
     assert len(rows) == 1 + len(m.videos) and rows[0].startswith("split,subset,video_id,label")
+
+
+def test_a_stage_where_every_video_fails_stops_and_says_where_the_reasons_are(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "videos"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / f"empty_{cls}.avi").write_bytes(b"")
+        (root / cls / f"notes_{cls}.avi").write_text("not a video\n")
+    out = tmp_path / "prepare"
+    cfg = DatasetConfig(name="folder", root=str(root), test_fraction=0.5, probe_workers=1)
+    with pytest.raises(
+        SystemExit, match=r"prepare: no video succeeded \(4 failed; reasons in .*failures.csv\)"
+    ):
+        prepare.main(cfg, out)
+    assert len(_failures(out / "failures.csv")) == 4  # the reasons were written before stopping
