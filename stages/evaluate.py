@@ -77,31 +77,27 @@ def main(
 ) -> None:
     classes = read_manifest(manifest).classes
     c = len(classes)
+    fusions = {f"{h}/{m}": t for (h, m), t in load_score_dir(fused).items()}
     models = {
         **{f"{h}/{s}": t for (h, s), t in load_score_dir(scores, run.trained()).items()},
-        **{f"{h}/{m}": t for (h, m), t in load_score_dir(fused).items()},
+        **fusions,
     }
     if not models:
         raise SystemExit(f"evaluate: no scores under {scores} or {fused}")
-    fusion_names = {f"{h}/{m}" for (h, m) in load_score_dir(fused)}
+    summaries = {name: _summary(table, c) for name, table in models.items()}
     metrics: dict = {"streams": {}, "fusion": {}}
     per_class = {}
     for name, table in sorted(models.items()):
         head, kind = name.split("/")
-        group = "fusion" if name in fusion_names else "streams"
-        metrics[group].setdefault(head, {})[kind] = _summary(table, c)
+        metrics["fusion" if name in fusions else "streams"].setdefault(head, {})[kind] = summaries[
+            name
+        ]
         tests = [table.select(split=s, subset="test") for s in table.splits()]
         per_class[name] = np.nanmean(
             [per_class_accuracy(t.scores, t.label, num_classes=c) for t in tests], axis=0
         )
     if cfg.confusion == "best":
-        pool = fusion_names or set(models)
-        chosen = max(
-            sorted(pool),
-            key=lambda n: metrics["fusion" if n in fusion_names else "streams"][n.split("/")[0]][
-                n.split("/")[1]
-            ]["top1"],
-        )
+        chosen = max(sorted(fusions or models), key=lambda n: summaries[n]["top1"])
     else:
         chosen = cfg.confusion
         if chosen not in models:
