@@ -32,8 +32,9 @@ from pipeline.config import (
 )
 from pipeline.demo import generate_demo
 from pipeline.flow import video_flow
+from pipeline.plan import sampling
 from pipeline.runner import map_videos
-from pipeline.video import probe, read_frames, sample_plan
+from pipeline.video import probe, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_AVI = ROOT.parent / "shared" / "testdata" / "videos" / "test.avi"
@@ -47,7 +48,7 @@ def _timed(fn, *args, **kw):  # noqa: ANN001, ANN202
 
 def _flow_one(path: str, *, dec: DecodeConfig, cfg: FlowConfig) -> int:
     cv2.setNumThreads(1)
-    plan = sample_plan(probe(Path(path)).frames, num_points=dec.num_frames, pairs=dec.flow_pairs)
+    plan = sampling(dec, probe(Path(path)).frames)
     video_flow(Path(path), plan, cfg, short_side=dec.short_side)
     return len(plan.pairs())
 
@@ -138,9 +139,7 @@ def main() -> None:
         rows.append(("demo", "generate", len(paths) / gen_s, "videos/s"))
         t = time.perf_counter()
         for p in paths:
-            plan = sample_plan(
-                probe(Path(p)).frames, num_points=dec.num_frames, pairs=dec.flow_pairs
-            )
+            plan = sampling(dec, probe(Path(p)).frames)
             read_frames(Path(p), plan.needed(), short_side=dec.short_side)
         rows.append(
             (
@@ -188,9 +187,7 @@ def main() -> None:
 
     if TEST_AVI.exists():
         real = DecodeConfig(num_frames=25, flow_pairs=5, short_side=256, workers=1)
-        plan = sample_plan(
-            probe(TEST_AVI).frames, num_points=real.num_frames, pairs=real.flow_pairs
-        )
+        plan = sampling(real, probe(TEST_AVI).frames)
         _, dt = _timed(read_frames, TEST_AVI, plan.needed(), short_side=real.short_side)
         rows.append(("test.avi", "decode 150 planned frames at 256px", 1 / dt, "videos/s"))
         frames = read_frames(TEST_AVI, plan.needed()[:11], short_side=real.short_side)
