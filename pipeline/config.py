@@ -69,6 +69,9 @@ class DecodeConfig:
     flow_pairs: int = 5  # L consecutive pairs after each point (TSRNN's 10-channel stack)
     short_side: int = 256  # frames are resized so their short side has this length
     workers: int = 0  # 0 = every core
+    # points: num_frames windows of flow_pairs+1 frames (TS-LSTM, TSRNN); dense: every frame, and
+    # the flow of every consecutive pair (flow_pairs must be 1), for 3D flow clips (Res-LSTM)
+    sampling: str = "points"
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,29 @@ class FarnebackConfig:
 
 
 @dataclass(frozen=True)
+class RaftConfig:
+    weights: str | None = None  # local state-dict file (no downloads); None = random, with a warning
+    iterations: int = 12  # refinement iterations (torchvision's default)
+    batch_size: int = 8  # frame pairs per forward pass
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+
+@dataclass(frozen=True)
 class FlowConfig:
-    algorithm: str = "tvl1"  # tvl1 | tvl1_fast | farneback
+    algorithm: str = "tvl1"  # tvl1 | tvl1_fast | farneback | raft_small | raft_large
     bound: float = 20.0  # flow is clipped to +-bound and mapped to uint8 [0, 255]
     workers: int = 0  # 0 = every core
     tvl1: TVL1Config = field(default_factory=TVL1Config)
     farneback: FarnebackConfig = field(default_factory=FarnebackConfig)
+    raft: RaftConfig = field(default_factory=RaftConfig)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Storage of the flow and feature caches (read by the flow and features stages)."""
+
+    backend: str = "zarr"  # zarr | hdf5
+    videos_per_pack: int = 64  # videos stored together in one pack file (DVC: few files)
 
 
 @dataclass(frozen=True)
@@ -113,6 +133,17 @@ class StreamFeaturesConfig:
     threads: int = 0  # torch intra-op threads; 0 = every core
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device has it natively)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    # pooled: (T, D) global average of the last block; taps: the `taps` blocks each spatially
+    # averaged and concatenated (MRRN eq. 7); maps: the last block's (C, h, w) maps (TSRNN)
+    output: str = "pooled"
+    taps: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    crops: str = "centre"  # centre | ten_mean (Res-LSTM eq. 5) | ten_axis (a view axis is kept)
+    # points: the decode plan's frames; clips: clip_len-frame clips every clip_stride frames
+    # (3D backbones: one feature per clip; 2D: per-frame features kept per clip, as MRRN)
+    sampling: str = "points"
+    clip_len: int = 16
+    clip_stride: int = 8
+    max_clips: int | None = None  # MRRN: 20
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,9 @@ class TrainConfig:
     oof_folds: int = 3  # out-of-fold training scores for SVM fusion; 0 = in-sample scores
     threads: int = 0
     device: str = "cpu"
+    # Videos whose cached sequences differ in length (3D clips: K_v = floor(l_v / r) - 1) are
+    # brought to `steps` steps by Res-LSTM's sigma(t); null = the shortest video's length.
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
