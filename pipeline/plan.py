@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import DecodeConfig
-from pipeline.video import SamplePlan, sample_plan
+from pipeline.video import SamplePlan, dense_plan, sample_plan
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,21 @@ class Plan:
         """What decides the sampled frames and their size, for downstream cache metadata."""
         s = asdict(self.settings)
         s.pop("workers")
+        if s["sampling"] == "points":
+            s.pop("sampling")  # caches written before the key existed stay valid
+        else:
+            s.pop("num_frames")  # dense sampling takes every frame
         return s
 
 
 def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
     """The windows the decode settings sample from a video of ``frames`` frames."""
+    if settings.sampling == "dense":
+        if settings.flow_pairs != 1:  # L > 1 would store every flow field L times
+            raise ValueError("decode.sampling dense takes every pair once: set decode.flow_pairs: 1")
+        return dense_plan(frames, pairs=1)
+    if settings.sampling != "points":
+        raise ValueError(f"decode.sampling: unknown '{settings.sampling}' (points or dense)")
     return sample_plan(frames, num_points=settings.num_frames, pairs=settings.flow_pairs)
 
 

@@ -70,6 +70,37 @@ def sample_plan(frames: int, *, num_points: int, pairs: int) -> SamplePlan:
     return SamplePlan(frames=n, points=points.astype(np.int64), windows=windows, looped=looped)
 
 
+def dense_plan(frames: int, *, pairs: int = 1) -> SamplePlan:
+    """Every frame as a point: windows (frames - pairs, pairs + 1) of consecutive frames, so the
+    flow of every consecutive pair is computed once (for 3D flow clips). Videos of at most
+    ``pairs`` frames are looped to one window."""
+    if frames <= 0:
+        raise ValueError("a video with no frames has no sampling plan")
+    looped = frames <= pairs
+    points = np.arange(max(frames - pairs, 1), dtype=np.int64)
+    windows = (points[:, None] + np.arange(pairs + 1)[None, :]) % frames
+    return SamplePlan(frames=frames, points=points, windows=windows, looped=looped)
+
+
+def clip_windows(
+    length_v: int, *, length: int, stride: int, max_clips: int | None = None
+) -> np.ndarray:
+    """Clips of ``length`` consecutive steps every ``stride`` steps -> (K, length) indices.
+
+    K = floor((l - s) / r) + 1, which for s = 2r is Res-LSTM's K_v = floor(l_v / r) - 1 (sec. 3.1),
+    the first ``max_clips`` of them (MRRN sec. 4.1: 30-frame clips, stride 8, at most 20). A video
+    shorter than one clip is looped (MRRN: "we will loop the video if necessary")."""
+    if length_v <= 0:
+        raise ValueError("a video with no frames has no clips")
+    if length < 1 or stride < 1:
+        raise ValueError(f"clip length and stride must be >= 1, got {length}, {stride}")
+    k = max((length_v - length) // stride + 1, 1)
+    if max_clips is not None:
+        k = min(k, max_clips)
+    starts = np.arange(k, dtype=np.int64) * stride
+    return (starts[:, None] + np.arange(length, dtype=np.int64)[None, :]) % length_v
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise VideoDecodeError(f"{path}: no such file")

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.video import SamplePlan, VideoDecodeError, probe, read_frames, sample_plan
+from pipeline.video import (
+    SamplePlan,
+    VideoDecodeError,
+    clip_windows,
+    dense_plan,
+    probe,
+    read_frames,
+    sample_plan,
+)
 
 # -- sample_plan ------------------------------------------------------------------------------
 
@@ -205,3 +213,37 @@ def test_corrupted_video_fails_to_read_its_planned_frames(videos: Path) -> None:
 def test_read_frames_rejects_empty_or_negative_indices(videos: Path, indices: list[int]) -> None:
     with pytest.raises(ValueError, match="test.avi: frame indices"):
         read_frames(videos / "test.avi", np.array(indices, dtype=np.int64))
+
+
+@pytest.mark.parametrize("frames", [17, 32, 33, 39, 40, 187])
+def test_clip_windows_give_res_lstm_k_v(frames: int) -> None:
+    w = clip_windows(frames, length=16, stride=8)
+    # Res-LSTM sec. 3.1: K_v = floor(l_v / r) - 1 clips of s = 16 frames with stride r = 8
+    assert w.shape == (frames // 8 - 1, 16)
+    assert (w[:, 0] == np.arange(len(w)) * 8).all()
+    assert (np.diff(w, axis=1) == 1).all()
+    assert w.max() < frames
+
+
+def test_clip_windows_mrrn_caps_at_max_clips_and_loops_short_videos() -> None:
+    w = clip_windows(400, length=30, stride=8, max_clips=20)
+    assert w.shape == (20, 30) and w[-1, 0] == 19 * 8
+    short = clip_windows(12, length=30, stride=8, max_clips=20)
+    assert short.shape == (1, 30)
+    assert short[0].tolist() == [i % 12 for i in range(30)]
+
+
+def test_clip_windows_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="no frames"):
+        clip_windows(0, length=16, stride=8)
+    with pytest.raises(ValueError, match=">= 1"):
+        clip_windows(10, length=16, stride=0)
+
+
+def test_dense_plan_takes_every_consecutive_pair_once() -> None:
+    p = dense_plan(6)
+    assert p.points.tolist() == [0, 1, 2, 3, 4]
+    assert p.pairs().tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]
+    assert not p.looped
+    one = dense_plan(1)
+    assert one.looped and one.windows.tolist() == [[0, 0]]
