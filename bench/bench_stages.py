@@ -220,6 +220,7 @@ def main() -> None:
             ips = bench_backbone(name, weights, x, 3, repeats=2)
             rows.append(("test.avi", f"backbone {name} rgb 224px fp32", ips, "images/s"))
         rows += bench_bf16(x)
+        rows += bench_raft(TEST_AVI)
     else:
         print(f"(skipping test.avi: {TEST_AVI} not found)")
 
@@ -228,6 +229,26 @@ def main() -> None:
     for inp, stage, value, unit in rows:
         digits = 4 if unit in ("", "px") else 2  # cosines and end-point errors need more
         print(f"{inp:<9} {stage:<{width}}  {value:8.{digits}f} {unit}")
+
+
+def bench_raft(video: Path, pairs: int = 8) -> list[tuple[str, str, float, str]]:
+    """raft_small on the CPU (torch's threads, batches of flow.raft.batch_size) at short side 64
+    (padded to RAFT's 128 px minimum, so it costs what 128x128 costs) and 256. Random weights:
+    none can be downloaded here, and the speed does not depend on their values."""
+    from pipeline.config import RaftConfig
+    from pipeline.flow import make_pairs_flow_fn
+
+    cfg = FlowConfig(algorithm="raft_small", raft=RaftConfig(device="cpu"))
+    flow = make_pairs_flow_fn(cfg)
+    rows = []
+    for side in (64, 256):
+        frames = read_frames(video, np.arange(pairs + 1), short_side=side)
+        flow(frames[:1], frames[1:2])  # warm-up: first-call allocations
+        _, dt = _timed(flow, frames[:-1], frames[1:])
+        h, w = frames.shape[1:3]
+        what = f"flow raft_small {h}x{w} cpu, batch {cfg.raft.batch_size}, {cfg.raft.iterations} it"
+        rows.append((video.name, what, pairs / dt, "pairs/s"))
+    return rows
 
 
 if __name__ == "__main__":

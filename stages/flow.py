@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.cache import open_cache
 from pipeline.config import DecodeConfig, FlowConfig, section
-from pipeline.flow import flow_settings, video_flow
+from pipeline.flow import RAFT_ALGORITHMS, flow_settings, video_flow
 from pipeline.plan import Plan, read_plan
 from pipeline.plan import sampling as sampling_of
 from pipeline.runner import Counts, Failure, finish, map_videos
@@ -50,8 +50,15 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
         todo = [(k, v.path, v.frames) for k, v in sorted(plan.videos.items()) if k not in done]
         fn = partial(_flow, settings=plan.settings, cfg=cfg)
         written = 0
+        # RAFT: one model (on the GPU, or on torch's own threads) in this process, video after
+        # video; a CPU process pool would hold one model per process and oversubscribe the cores.
+        raft = cfg.algorithm in RAFT_ALGORITHMS
         for (vid, path, _), stacks, err in map_videos(
-            fn, todo, workers=cfg.workers, desc=f"flow ({cfg.algorithm})", initializer=_one_thread
+            fn,
+            todo,
+            workers=1 if raft else cfg.workers,
+            desc=f"flow ({cfg.algorithm})",
+            initializer=None if raft else _one_thread,
         ):
             if err:
                 failures.append(Failure(vid, path, "flow", err))

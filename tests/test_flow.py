@@ -1,16 +1,37 @@
-"""Tests for pipeline/flow.py: quantisation, the two flow algorithms, flow stacks of a video."""
+"""Tests for pipeline/flow.py: quantisation, the OpenCV flow algorithms and RAFT, flow stacks of
+a video, and the flow stage with RAFT."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
+from torchvision.models import optical_flow
 
-from pipeline.config import FlowConfig
-from pipeline.flow import dequantise, flow_settings, make_flow_fn, quantise, video_flow
-from pipeline.video import SamplePlan, read_frames, sample_plan
+from pipeline.backbones import WeightsError
+from pipeline.cache import open_cache
+from pipeline.config import DecodeConfig, FlowConfig, RaftConfig
+from pipeline.fingerprint import file_sha256
+from pipeline.flow import (
+    _raft_model,
+    dequantise,
+    flow_settings,
+    make_flow_fn,
+    make_pairs_flow_fn,
+    quantise,
+    raft_padding,
+    video_flow,
+)
+from pipeline.plan import Plan, PlannedVideo, write_plan
+from pipeline.video import SamplePlan, probe, read_frames, sample_plan
+from stages import flow as flow_stage
 
 # -- quantisation -----------------------------------------------------------------------------
 
@@ -119,15 +140,52 @@ def test_video_flow_of_a_looped_video_has_every_window(videos: Path) -> None:
 # -- flow_settings ----------------------------------------------------------------------------
 
 
+# What flow_settings wrote before RAFT existed (data/flow/cache of the demo holds the tvl1 one):
+# a different dict would start every existing TV-L1 / Farneback cache over.
+TVL1_SETTINGS = {
+    "algorithm": "tvl1",
+    "bound": 20.0,
+    "tvl1": {
+        "tau": 0.25,
+        "lambda_": 0.15,
+        "theta": 0.3,
+        "scales": 5,
+        "warps": 5,
+        "epsilon": 0.01,
+        "inner_iterations": 30,
+        "outer_iterations": 10,
+        "scale_step": 0.5,
+        "median_filtering": 5,
+    },
+}
+FARNEBACK_SETTINGS = {
+    "algorithm": "farneback",
+    "bound": 20.0,
+    "farneback": {
+        "pyr_scale": 0.5,
+        "levels": 3,
+        "winsize": 15,
+        "iterations": 3,
+        "poly_n": 5,
+        "poly_sigma": 1.2,
+    },
+}
+
+
+def test_flow_settings_of_opencv_algorithms_are_unchanged_by_raft() -> None:
+    assert flow_settings(FlowConfig(algorithm="tvl1", workers=7)) == TVL1_SETTINGS
+    assert flow_settings(FlowConfig(algorithm="farneback", workers=7)) == FARNEBACK_SETTINGS
+    # The raft block never enters an OpenCV identity.
+    other_raft = FlowConfig(raft=RaftConfig(weights="nowhere.pth", iterations=3))
+    assert flow_settings(other_raft) == TVL1_SETTINGS
+
+
 def test_flow_settings_keep_only_what_determines_the_values() -> None:
-    tvl1 = flow_settings(FlowConfig(algorithm="tvl1", workers=7))
-    assert set(tvl1) == {"algorithm", "bound", "tvl1"}
-    assert tvl1["tvl1"]["lambda_"] == pytest.approx(0.15)
-    farneback = flow_settings(FlowConfig(algorithm="farneback", workers=7))
-    assert set(farneback) == {"algorithm", "bound", "farneback"}
     # workers never changes the values, so it must not change the cache identity either.
     assert flow_settings(FlowConfig(workers=1)) == flow_settings(FlowConfig(workers=8))
     assert flow_settings(FlowConfig(bound=10)) != flow_settings(FlowConfig(bound=20))
+    with pytest.raises(ValueError, match="unknown 'raft'"):
+        flow_settings(FlowConfig(algorithm="raft"))
 
 
 def test_tvl1_fast_is_the_tvl1_block_with_the_preset_applied() -> None:
@@ -144,3 +202,226 @@ def test_tvl1_fast_is_close_to_tvl1() -> None:
     fast = make_flow_fn(FlowConfig(algorithm="tvl1_fast"))(a, b)
     epe = np.linalg.norm(slow - fast, axis=2)[8:-8, 8:-8].mean()
     assert epe < 0.2, epe
+
+
+# -- RAFT -------------------------------------------------------------------------------------
+# No pretrained weights can be downloaded here, so these tests run seeded random weights: they
+# check shapes, padding, batching, weight loading and the cache identity, never flow quality.
+
+RAFT_SMALL = FlowConfig(algorithm="raft_small", raft=RaftConfig(iterations=4, device="cpu"))
+
+
+@pytest.fixture
+def hub(tmp_path: Path, one_thread: None) -> Iterator[Path]:
+    """An empty torch hub cache (so a developer's real one cannot change the results) and no
+    RAFT model left over from an earlier test; yields its checkpoints folder."""
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    _raft_model.cache_clear()
+    try:
+        yield tmp_path / "hub" / "checkpoints"
+    finally:
+        torch.hub.set_dir(before)
+        _raft_model.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def frames64(part_0: Path) -> np.ndarray:
+    """Frames 0 and 2 of part_0.mp4 -> (2, 64, 85, 3) uint8 RGB."""
+    return read_frames(part_0, np.array([0, 2]), short_side=64)
+
+
+def _saved_raft(path: Path, name: str, seed: int) -> torch.nn.Module:
+    """A randomly initialised RAFT (other weights than the seed-0 default) saved to ``path``."""
+    torch.manual_seed(seed)
+    model = getattr(optical_flow, name)(weights=None).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def _direct_flow(
+    model: torch.nn.Module, a: np.ndarray, b: np.ndarray, iterations: int
+) -> np.ndarray:
+    """(H, W, 3) uint8 frames with H, W multiples of 8, >= 128 -> (H, W, 2): torchvision's RAFT
+    called as its docs say (RGB in [-1, 1], the last prediction), with no padding of ours."""
+
+    def x(f: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(f).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+    with torch.inference_mode():
+        return model(x(a), x(b), num_flow_updates=iterations)[-1][0].permute(1, 2, 0).numpy()
+
+
+def test_raft_padding_gives_multiples_of_8_of_at_least_128() -> None:
+    assert raft_padding(60, 85) == (34, 34, 21, 22)  # 60x85 -> 128x128, frame in the middle
+    assert raft_padding(136, 250) == (0, 0, 3, 3)  # 250 -> 256; 136 already fits
+    assert raft_padding(128, 128) == (0, 0, 0, 0)
+
+
+def test_raft_flow_of_an_unfit_size_is_the_crop_of_the_padded_flow(
+    hub: Path, frames64: np.ndarray
+) -> None:
+    small = frames64[:, 2:62]  # (2, 60, 85, 3): neither side a multiple of 8, both under 128
+    flow = make_pairs_flow_fn(RAFT_SMALL)(small[:1], small[1:])
+    assert flow.shape == (1, 60, 85, 2) and flow.dtype == np.float32
+    assert np.isfinite(flow).all() and flow.std() > 0
+    # Edge-pad to 128x128 by hand (RAFT then needs no padding of ours) and crop the flow back.
+    padded = np.pad(small, ((0, 0), (34, 34), (21, 22), (0, 0)), mode="edge")
+    full = make_pairs_flow_fn(RAFT_SMALL)(padded[:1], padded[1:])
+    np.testing.assert_allclose(flow, full[:, 34:94, 21:106], atol=1e-5)
+
+
+def test_raft_loads_a_state_dict_file_and_names_it_in_the_identity(
+    hub: Path, tmp_path: Path, frames64: np.ndarray
+) -> None:
+    path = tmp_path / "my_raft.pth"
+    saved = _saved_raft(path, "raft_small", seed=1)
+    cfg = dataclasses.replace(
+        RAFT_SMALL, raft=dataclasses.replace(RAFT_SMALL.raft, weights=str(path))
+    )
+    assert flow_settings(cfg)["raft"] == {
+        "iterations": 4,
+        "weights": f"file my_raft.pth sha256:{file_sha256(path)[:16]}",
+    }
+    padded = np.pad(frames64, ((0, 0), (32, 32), (21, 22), (0, 0)), mode="edge")  # 128x128
+    flow = make_pairs_flow_fn(cfg)(padded[:1], padded[1:])[0]
+    np.testing.assert_allclose(flow, _direct_flow(saved, padded[0], padded[1], 4), atol=1e-5)
+    seed0 = make_pairs_flow_fn(RAFT_SMALL)(padded[:1], padded[1:])[0]
+    assert np.abs(flow - seed0).mean() > 0.1  # the file's weights, not the random default
+
+
+def test_raft_without_weights_uses_the_hub_cache_file_else_seeded_random(
+    hub: Path, frames64: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.flow"):
+        random_flow = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
+    assert flow_settings(RAFT_SMALL)["raft"]["weights"] == "random (seed 0)"
+    assert "RANDOM weights" in caplog.text
+    _raft_model.cache_clear()
+    again = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
+    np.testing.assert_array_equal(random_flow, again)  # seeded: a rebuilt model is the same
+
+    path = hub / "raft_small_C_T_V2-01064c6d.pth"  # Raft_Small_Weights.DEFAULT's file name
+    _saved_raft(path, "raft_small", seed=1)
+    identity = flow_settings(RAFT_SMALL)["raft"]["weights"]
+    assert identity == f"Raft_Small_Weights.C_T_V2 sha256:{file_sha256(path)[:16]}"
+    hub_flow = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
+    assert np.abs(hub_flow - random_flow).mean() > 0.1
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a state dict")
+
+
+def _raft_large_state(path: Path) -> None:
+    _saved_raft(path, "raft_large", seed=0)
+
+
+def _resnet_like_state(path: Path) -> None:
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+
+
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [
+        (None, "not found"),
+        (_garbage, "not a loadable state dict"),
+        (_raft_large_state, "does not fit raft_small"),
+        (_resnet_like_state, "does not fit raft_small"),
+    ],
+)
+def test_raft_refuses_a_bad_weights_file_naming_it(
+    hub: Path, tmp_path: Path, write, reason
+) -> None:  # noqa: ANN001
+    path = tmp_path / "bad.pth"
+    if write is not None:
+        write(path)
+    cfg = dataclasses.replace(RAFT_SMALL, raft=RaftConfig(weights=str(path), device="cpu"))
+    with pytest.raises(WeightsError, match=re.escape(str(path)) + ".*" + reason):
+        make_pairs_flow_fn(cfg)
+
+
+def test_raft_settings_hold_what_changes_the_values_only(hub: Path) -> None:
+    s = flow_settings(RAFT_SMALL)
+    assert s == {
+        "algorithm": "raft_small",
+        "bound": 20.0,
+        "raft": {"iterations": 4, "weights": "random (seed 0)"},
+    }
+    batch = dataclasses.replace(RAFT_SMALL.raft, batch_size=1, device="auto")
+    assert flow_settings(dataclasses.replace(RAFT_SMALL, raft=batch, workers=3)) == s
+    more = dataclasses.replace(RAFT_SMALL.raft, iterations=12)
+    assert flow_settings(dataclasses.replace(RAFT_SMALL, raft=more)) != s
+    assert flow_settings(dataclasses.replace(RAFT_SMALL, algorithm="raft_large")) != s
+
+
+def _near(a: np.ndarray, b: np.ndarray) -> None:
+    """uint8 flow equal up to rare one-step rounding flips: batched and single convolutions may
+    sum in another order, and a last-bit difference can cross a quantisation boundary."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_raft_video_flow_batched_equals_pair_by_pair(hub: Path, part_0: Path) -> None:
+    plan = sample_plan(32, num_points=4, pairs=2)  # 8 distinct pairs: batches of 3, 3, 2
+    batched = dataclasses.replace(
+        RAFT_SMALL, raft=dataclasses.replace(RAFT_SMALL.raft, batch_size=3)
+    )
+    single = dataclasses.replace(
+        RAFT_SMALL, raft=dataclasses.replace(RAFT_SMALL.raft, batch_size=1)
+    )
+    out = video_flow(part_0, plan, batched, short_side=32)
+    assert out.dtype == np.uint8 and out.shape == (4, 2, 2, 32, 42)
+    assert out.std() > 0
+    _near(out, video_flow(part_0, plan, single, short_side=32))
+    # Entry (i, j) is the flow from windows[i, j] to windows[i, j + 1], x then y.
+    i, j = 2, 1
+    a, b = plan.windows[i, j], plan.windows[i, j + 1]
+    rgb = read_frames(part_0, np.array([a, b]), short_side=32)
+    expected = quantise(make_pairs_flow_fn(single)(rgb[:1], rgb[1:])[0], single.bound)
+    _near(out[i, j], expected.transpose(2, 0, 1))
+    assert not np.array_equal(out[i, j], out[i, j - 1])
+
+
+# -- the flow stage with RAFT -----------------------------------------------------------------
+
+
+def test_flow_stage_runs_raft_in_process_with_failures_recorded(
+    hub: Path, videos: Path, tmp_path: Path
+) -> None:
+    settings = DecodeConfig(num_frames=3, flow_pairs=2, short_side=32, workers=1)
+    planned = {}
+    for vid, name in [("part_0", "part_0.mp4"), ("video_0", "video_0.mov")]:
+        path = videos / name
+        frames = probe(path).frames
+        s = sample_plan(frames, num_points=3, pairs=2)
+        planned[vid] = PlannedVideo(
+            vid, str(path), frames, s.looped, s.points.tolist(), file_sha256(path)
+        )
+    text = tmp_path / "notes.avi"
+    text.write_text("this is a text file, not a video\n")
+    planned["notes"] = PlannedVideo("notes", str(text), 10, False, [0, 3, 6], file_sha256(text))
+    write_plan(tmp_path / "plan.json", Plan(settings, planned))
+    cfg = dataclasses.replace(RAFT_SMALL, workers=2)  # RAFT ignores workers: no process pool
+
+    counts = flow_stage.main(cfg, plan_path=tmp_path / "plan.json", out=tmp_path / "flow")
+    assert (counts.done, counts.skipped, counts.failed) == (2, 0, 1)
+    # One model for both videos, built in this process (a pool would build it elsewhere).
+    assert _raft_model.cache_info().misses == 1 and _raft_model.cache_info().hits >= 1
+    failures = (tmp_path / "flow" / "failures.csv").read_text()
+    assert "notes" in failures and "notes.avi" in failures
+    with open_cache(tmp_path / "flow" / "cache", "r") as c:
+        assert c.attrs["flow"] == flow_settings(cfg)
+        assert c.keys() == ["part_0", "video_0"]
+        for vid in ("part_0", "video_0"):
+            p = planned[vid]
+            want = video_flow(
+                Path(p.path), sample_plan(p.frames, num_points=3, pairs=2), cfg, short_side=32
+            )
+            got = c.read(vid)
+            assert got.dtype == np.uint8 and got.shape == want.shape and got.shape[:3] == (3, 2, 2)
+            _near(got, want)
+
+    again = flow_stage.main(cfg, plan_path=tmp_path / "plan.json", out=tmp_path / "flow")
+    assert (again.done, again.skipped) == (0, 2)
