@@ -180,6 +180,50 @@ def predict_report(
     return torch.cat(out).numpy(), {k: v / len(xt) for k, v in totals.items()}
 
 
+def mean_over_views(probs: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """probs: (N, C) per view, groups: (N,) the video of each view -> (G, C), the mean of each
+    video's views, videos in ascending ``groups`` order (G distinct values)."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    total = np.zeros((len(ids), probs.shape[1]), dtype=np.float64)
+    np.add.at(total, inverse, probs)
+    return (total / np.bincount(inverse)[:, None]).astype(probs.dtype)
+
+
+def fold_assignment(
+    y: np.ndarray,
+    *,
+    folds: int,
+    seed: int,
+    num_classes: int,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """y: (N,) -> the fold (0..k-1) of every row, stratified by class, k = min(folds, the
+    smallest class's number of videos). groups: (N,) the video of each row when a video has
+    several rows (views): folds are drawn over videos, so all views of a video share a fold
+    (a view seen in training would leak its video's label into the held-out score). None: each
+    row is a video."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if groups is None:
+        video_y, inverse = y, np.arange(len(y))
+    else:
+        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        video_y = y[first]
+        if (video_y[inverse] != y).any():
+            raise ValueError("out-of-fold: the views of one video carry different labels")
+    counts = np.bincount(video_y, minlength=num_classes)
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2:
+        raise ValueError("out-of-fold scores need at least 2 training videos in every class")
+    video_fold = np.empty(len(video_y), dtype=np.int64)
+    # StratifiedKFold uses only the number of rows of its first argument
+    rows = np.zeros((len(video_y), 1))
+    split = StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, video_y)
+    for f, (_, te) in enumerate(split):
+        video_fold[te] = f
+    return video_fold[inverse]
+
+
 def out_of_fold(
     make: Callable[[], nn.Module],
     x: np.ndarray,
@@ -189,17 +233,17 @@ def out_of_fold(
     folds: int,
     seed: int,
     num_classes: int,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cross-fitted probabilities (N, C) for the training videos: each is scored by a model that
-    did not see it, so late fusion learned on them (SVM) is not fitted to over-confident scores."""
-    from sklearn.model_selection import StratifiedKFold
-
-    counts = np.bincount(y, minlength=num_classes)
-    k = int(min(folds, counts[counts > 0].min()))
-    if k < 2:
-        raise ValueError("out-of-fold scores need at least 2 training videos in every class")
+    """Cross-fitted probabilities (N, C) for the training rows x (N, T, ...): each is scored by a
+    model that did not see its video, so late fusion learned on them (SVM) is not fitted to
+    over-confident scores. groups: (N,) the video of each row (views); see ``fold_assignment``.
+    The result stays per row; ``mean_over_views`` gives per-video scores."""
+    fold = fold_assignment(y, folds=folds, seed=seed, num_classes=num_classes, groups=groups)
     probs = np.zeros((len(y), num_classes), dtype=np.float32)
-    for f, (tr, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)):
+    k = int(fold.max()) + 1
+    for f in range(k):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         model = make()
         fit(model, x[tr], y[tr], s, seed=seed + 1 + f, desc=f"fold {f + 1}/{k}")
         probs[te] = predict(model, x[te])

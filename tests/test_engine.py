@@ -8,7 +8,15 @@ import torch
 
 import pipeline.engine as engine
 from pipeline.config import load_params
-from pipeline.engine import TrainSettings, fit, out_of_fold, predict, split_head_params
+from pipeline.engine import (
+    TrainSettings,
+    fit,
+    fold_assignment,
+    mean_over_views,
+    out_of_fold,
+    predict,
+    split_head_params,
+)
 from pipeline.heads import build_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,3 +175,92 @@ def test_out_of_fold_needs_two_videos_per_class() -> None:
     y[0] = 5  # class 5 has one video
     with pytest.raises(ValueError, match="at least 2 training videos"):
         out_of_fold(_mean_pool, x, y, TrainSettings(epochs=1), folds=3, seed=0, num_classes=6)
+
+
+# -- views: fold_assignment with groups, mean_over_views ----------------------------------------
+
+
+def _views(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of 18 videos (6 per class) with 1 to 4 views each -> (y per row, video per row)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(C), 6)
+    counts = rng.integers(1, 5, size=len(labels))
+    groups = np.repeat(np.arange(len(labels)), counts)
+    return labels[groups], groups
+
+
+def test_fold_assignment_without_groups_is_stratified_kfold_as_before() -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = _data(n_per_class=6)
+    want = np.empty(len(y), dtype=int)
+    for f, (_, te) in enumerate(StratifiedKFold(3, shuffle=True, random_state=4).split(x, y)):
+        want[te] = f
+    got = fold_assignment(y, folds=3, seed=4, num_classes=C)
+    np.testing.assert_array_equal(got, want)
+    # one row per video given as groups: the same folds
+    same = fold_assignment(y, folds=3, seed=4, num_classes=C, groups=np.arange(len(y)))
+    np.testing.assert_array_equal(same, want)
+
+
+def test_fold_assignment_keeps_a_videos_views_in_one_fold_and_stratifies_videos() -> None:
+    y, groups = _views()
+    fold = fold_assignment(y, folds=3, seed=0, num_classes=C, groups=groups)
+    assert sorted(set(fold.tolist())) == [0, 1, 2]
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g].tolist())) == 1
+    # stratified over videos: each fold holds 2 of each class's 6 videos, whatever their views
+    video_fold = {int(g): int(f) for g, f in zip(groups, fold, strict=True)}
+    video_y = {int(g): int(c) for g, c in zip(groups, y, strict=True)}
+    for f in range(3):
+        per_class = np.bincount([video_y[g] for g, k in video_fold.items() if k == f], minlength=C)
+        assert per_class.tolist() == [2, 2, 2]
+
+
+def test_fold_assignment_counts_videos_not_views_for_the_fold_cap() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # class 0: 1 video of 4 views; class 1: 4 videos
+    groups = np.array([0, 0, 0, 0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="at least 2 training videos"):
+        fold_assignment(y, folds=3, seed=0, num_classes=2, groups=groups)
+
+
+def test_fold_assignment_rejects_views_of_one_video_with_different_labels() -> None:
+    with pytest.raises(ValueError, match="views of one video carry different labels"):
+        fold_assignment(np.array([0, 1, 0, 1]), folds=2, seed=0, num_classes=2, groups=[0, 0, 1, 2])
+
+
+def test_out_of_fold_with_groups_never_trains_on_a_held_out_videos_views(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    y, groups = _views()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(y), T, D)).astype(np.float32)
+    x[:, 0, 0] = groups  # tag each row with its video
+    fitted: list[set[int]] = []
+    scored: list[set[int]] = []
+    real_fit, real_predict = engine.fit, engine.predict
+
+    def spy_fit(model, xs, ys, s, **kw):  # noqa: ANN001, ANN202
+        fitted.append(set(xs[:, 0, 0].astype(int).tolist()))
+        return real_fit(model, xs, ys, s, **kw)
+
+    def spy_predict(model, xs, **kw):  # noqa: ANN001, ANN202
+        scored.append(set(xs[:, 0, 0].astype(int).tolist()))
+        return real_predict(model, xs, **kw)
+
+    monkeypatch.setattr(engine, "fit", spy_fit)
+    monkeypatch.setattr(engine, "predict", spy_predict)
+    s = TrainSettings(lr=1e-2, epochs=1, batch_size=8)
+    probs = out_of_fold(_mean_pool, x, y, s, folds=3, seed=0, num_classes=C, groups=groups)
+    assert probs.shape == (len(y), C)  # still one row per view
+    assert len(fitted) == 3
+    for train, test in zip(fitted, scored, strict=True):
+        assert not train & test  # no video has views on both sides
+        assert train | test == set(range(18))
+
+
+def test_mean_over_views_averages_each_videos_rows_in_video_order() -> None:
+    probs = np.array([[0.2, 0.8], [1.0, 0.0], [0.6, 0.4], [0.3, 0.7]], dtype=np.float32)
+    got = mean_over_views(probs, np.array([1, 0, 1, 1]))
+    np.testing.assert_allclose(got, [[1.0, 0.0], [1.1 / 3, 1.9 / 3]], rtol=1e-6)
+    assert got.dtype == np.float32
