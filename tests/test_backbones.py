@@ -1,7 +1,9 @@
-"""Tests for pipeline/backbones.py: offline weights, cross-modality init, input preparation."""
+"""Tests for pipeline/backbones.py: offline weights, cross-modality init, 2D taps/maps, 3D clip
+models, crops and input preparation."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -12,19 +14,31 @@ import torch
 import torchvision
 
 from pipeline.backbones import (
+    BACKBONES,
     BACKBONES_2D,
+    BACKBONES_3D,
     IMAGENET_STD,
+    KINETICS_MEAN,
+    KINETICS_STD,
     WeightsError,
     build_backbone,
     centre_crop,
-    extract_batched,
+    clip_input,
+    crop_views,
+    flow_clip_input,
     flow_input,
     inference_context,
+    is_3d,
+    memory_format,
+    n_views,
     resolve_device,
     resolve_precision,
     rgb_input,
 )
 from pipeline.video import read_frames
+
+# Tiny tensors: one intra-op thread is faster than two contending for a small shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 DIMS["efficientnet_lite0"] = 1280
@@ -231,27 +245,6 @@ def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
     torch.testing.assert_close(bb.model.conv1.weight, expected)
 
 
-def test_extract_batched_packs_videos_and_keeps_each_ones_rows(resnet18_file: Path) -> None:
-    bb = build_backbone("resnet18", weights=str(resnet18_file))
-    videos = [(f"v{i}", torch.randn(t, 3, 32, 32)) for i, t in enumerate([5, 1, 7, 3, 9])]
-    calls = []
-    model = bb.model
-
-    def counting(x: torch.Tensor) -> torch.Tensor:
-        calls.append(len(x))
-        return model(x)
-
-    with torch.inference_mode():
-        got = list(extract_batched(counting, iter(videos), batch_size=8))
-        alone = {v: model(x) for v, x in videos}
-    assert [v for v, _ in got] == [v for v, _ in videos]
-    for v, f in got:
-        torch.testing.assert_close(f, alone[v], rtol=1e-4, atol=1e-4)
-    assert (
-        max(calls) <= 8 and len(calls) < len(videos) + 2
-    )  # frames of several videos share a batch
-
-
 def test_precision_resolution() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
@@ -282,3 +275,363 @@ def test_bf16_features_match_fp32_on_real_frames(videos: Path) -> None:
     cos = torch.nn.functional.cosine_similarity(ref, low, dim=1)
     assert (cos >= 0.99).all(), cos
     assert not torch.equal(ref, low)  # bf16 really ran
+
+
+# -- 3D clip backbones ------------------------------------------------------------------------
+
+DIMS_3D = {"r3d_18": 512, "mc3_18": 512, "r2plus1d_18": 512, "s3d": 1024}
+# The first convolution of each 3D model, where the RGB (or flow) clip enters.
+STEM_3D = {
+    "r3d_18": "stem.0",
+    "mc3_18": "stem.0",
+    "r2plus1d_18": "stem.0",
+    "s3d": "features.0.0.0",
+}
+
+
+def _clips(b: int, c: int = 3, t: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, c, t, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Close relative to the size of ``want``: a randomly initialised S3D in eval mode has
+    features of ~1e-6, under any absolute tolerance, so an absolute check could not fail."""
+    scale = want.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def _classifier(net: torch.nn.Module) -> torch.nn.Module:
+    """A torchvision video model's last layer."""
+    if isinstance(net, torchvision.models.video.S3D):
+        return net.classifier[1]  # Conv3d(1024, 400, 1): a linear map on the channels
+    return net.fc
+
+
+def test_registry_of_all_backbones() -> None:
+    assert set(BACKBONES_3D) == set(DIMS_3D)
+    assert BACKBONES == (*BACKBONES_2D, *BACKBONES_3D)
+    assert [n for n in BACKBONES if is_3d(n)] == list(BACKBONES_3D)
+    with pytest.raises(ValueError, match="unknown backbone 'i3d'"):
+        is_3d("i3d")
+
+
+@pytest.mark.parametrize("name", BACKBONES_3D)
+def test_every_3d_backbone_maps_clips_to_features(name: str) -> None:
+    bb = build_backbone(name, weights="none")
+    assert (bb.kind, bb.output, bb.levels, bb.dim) == ("3d", "pooled", None, DIMS_3D[name])
+    assert bb.layer == ("features avgpool" if name == "s3d" else "avgpool")
+    assert bb.weights_id.startswith("random")
+    # Kinetics-400 statistics, whatever the weights (the enum's preset, read offline).
+    assert bb.mean == pytest.approx(KINETICS_MEAN) and bb.std == pytest.approx(KINETICS_STD)
+    assert not bb.model.training
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    with torch.no_grad():
+        y = bb.model(_clips(2))
+    assert y.shape == (2, DIMS_3D[name])
+    assert torch.isfinite(y).all()
+    assert (y[0] - y[1]).abs().max() > 1e-3 * y.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", BACKBONES_3D)
+def test_3d_weights_file_gives_the_features_its_classifier_reads(name: str, tmp_path: Path) -> None:
+    """A saved torchvision model loads by path; its features are exactly the input of that
+    model's own classifier (so logits recomputed from them equal the model's logits)."""
+    torch.manual_seed(1)
+    net = torchvision.models.get_model(name).eval()
+    # No bias: S3D's random features are so small (~1e-6) that bias + W f would round to the bias.
+    torch.nn.init.zeros_(_classifier(net).bias)
+    path = tmp_path / f"{name}.pth"
+    torch.save(net.state_dict(), path)
+    bb = build_backbone(name, weights=str(path))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert bb.weights_id == f"file {path.name} sha256:{sha[:16]}"
+    if name == "s3d":
+        # torchvision's S3D pools with a fixed (2, 7, 7) window, sized for 16 x 224 x 224 input,
+        # where it is the global mean; without it its logits are the classifier's outputs
+        # averaged over every position, which is the classifier of the global mean (linear).
+        net.avgpool = torch.nn.Identity()
+    x = _clips(2, size=64)  # S3D: 2 x 2 x 2 feature positions, so the mean is over several
+    w = _classifier(net).weight.flatten(1)  # (400, D)
+    with torch.no_grad():
+        _assert_close_rel(bb.model(x) @ w.T, net(x))
+
+
+def test_3d_weights_of_another_architecture_raise(tmp_path: Path, resnet18_file: Path) -> None:
+    torch.manual_seed(0)
+    mc3 = tmp_path / "mc3.pth"  # the same keys as r3d_18, but (1, 3, 3) kernels in layer2-4
+    torch.save(torchvision.models.get_model("mc3_18").state_dict(), mc3)
+    with pytest.raises(WeightsError, match="does not fit r3d_18") as e:
+        build_backbone("r3d_18", weights=str(mc3))
+    assert str(e.value).startswith(str(mc3))
+    # A 2D ResNet's keys (conv1, ...) are not a video ResNet's (stem.0, ...).
+    with pytest.raises(WeightsError, match="does not fit r3d_18") as e:
+        build_backbone("r3d_18", weights=str(resnet18_file))
+    assert str(e.value).startswith(str(resnet18_file))
+
+
+def test_3d_imagenet_means_the_kinetics_enum_file_in_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.backbones"):
+        missing = build_backbone("s3d", weights="imagenet")
+    assert missing.weights_id.startswith("random") and "S3D_Weights.KINETICS400_V1" in caplog.text
+    enum = torchvision.models.get_model_weights("s3d").DEFAULT
+    target = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(2)
+    state = torchvision.models.get_model("s3d").state_dict()
+    torch.save(state, target)
+    bb = build_backbone("s3d", weights="imagenet")
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()[:16]
+    assert bb.weights_id == f"S3D_Weights.KINETICS400_V1 sha256:{sha}"
+    torch.testing.assert_close(bb.model.features[0][0][0].weight, state["features.0.0.0.weight"])
+
+
+@pytest.mark.parametrize("name", BACKBONES_3D)
+def test_3d_cross_modality_init_averages_rgb_and_replicates(name: str) -> None:
+    rgb = build_backbone(name, weights="none")
+    flow = build_backbone(name, weights="none", in_channels=2)  # x, y per time step
+    w3 = rgb.model.get_submodule(STEM_3D[name]).weight  # (out, 3, kt, kh, kw)
+    conv = flow.model.get_submodule(STEM_3D[name])
+    assert conv.weight.shape == (w3.shape[0], 2, *w3.shape[2:]) and conv.in_channels == 2
+    mean = (w3[:, 0] + w3[:, 1] + w3[:, 2]) / 3
+    torch.testing.assert_close(conv.weight[:, 0], mean)
+    torch.testing.assert_close(conv.weight[:, 1], mean)
+    assert not conv.weight.requires_grad
+    # Everything after the stem is the RGB network's.
+    rest = {k: v for k, v in rgb.model.state_dict().items() if not k.startswith(STEM_3D[name])}
+    flow_state = flow.model.state_dict()
+    assert all(torch.equal(v, flow_state[k]) for k, v in rest.items())
+    assert flow.mean == (0.5, 0.5)
+    assert flow.std == pytest.approx((float(np.mean(IMAGENET_STD)),) * 2)
+    with torch.no_grad():
+        assert flow.model(_clips(1, c=2)).shape == (1, DIMS_3D[name])
+
+
+# -- 2D taps (MRRN) and maps (TSRNN) ----------------------------------------------------------
+
+
+def test_resnet34_taps_are_the_spatial_means_of_each_block() -> None:
+    bb = build_backbone("resnet34", weights="none", output="taps")
+    assert (bb.kind, bb.output, bb.levels, bb.dim) == ("2d", "taps", (128, 256, 512), 896)
+    assert bb.layer == "layer2,layer3,layer4 avgpool"
+    # Independently: torchvision's resnet34 with the same weights, run block by block.
+    ref = torchvision.models.resnet34().eval()
+    missing, unexpected = ref.load_state_dict(bb.model.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = bb.model(x)
+        a = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        a1 = ref.layer1(a)
+        a2 = ref.layer2(a1)
+        a3 = ref.layer3(a2)
+        a4 = ref.layer4(a3)
+    assert feats.shape == (2, 896)
+    torch.testing.assert_close(feats[:, :128], a2.mean(dim=(2, 3)))
+    torch.testing.assert_close(feats[:, 128:384], a3.mean(dim=(2, 3)))
+    torch.testing.assert_close(feats[:, 384:], a4.mean(dim=(2, 3)))
+
+
+def test_taps_run_one_pass_up_to_the_deepest_tap_in_the_given_order() -> None:
+    bb = build_backbone("resnet50", weights="none", output="taps", taps=("layer2", "layer1"))
+    assert bb.levels == (512, 256) and bb.dim == 768
+    assert bb.layer == "layer2,layer1 avgpool"
+    # Nothing after the deepest tap is kept (or run): no layer3, layer4, fc.
+    assert not any(k.startswith(("layer3", "layer4", "fc")) for k in bb.model.state_dict())
+    stem_calls = []
+    bb.model.conv1.register_forward_hook(lambda *_: stem_calls.append(1))
+    ref = torchvision.models.resnet50().eval()
+    ref.load_state_dict(bb.model.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = bb.model(x)
+        a1 = ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x)))))
+        a2 = ref.layer2(a1)
+    assert len(stem_calls) == 1  # one forward pass for every tap
+    torch.testing.assert_close(feats[:, :512], a2.mean(dim=(2, 3)))
+    torch.testing.assert_close(feats[:, 512:], a1.mean(dim=(2, 3)))
+
+
+def test_resnet18_maps_at_224_average_to_the_pooled_features() -> None:
+    pooled = build_backbone("resnet18", weights="none")
+    maps = build_backbone("resnet18", weights="none", output="maps")
+    assert (maps.output, maps.dim, maps.levels, maps.layer) == ("maps", 512, None, "layer4 maps")
+    assert (pooled.output, pooled.layer, pooled.levels) == ("pooled", "layer4 avgpool", None)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        m = maps.model(x)
+        p = pooled.model(x)
+    assert m.shape == (2, 512, 7, 7)
+    torch.testing.assert_close(m.mean(dim=(2, 3)), p)
+
+
+def test_efficientnet_maps_average_to_the_pooled_features() -> None:
+    pooled = build_backbone("efficientnet_lite0", weights="imagenet")
+    maps = build_backbone("efficientnet_lite0", weights="imagenet", output="maps")
+    assert (maps.dim, maps.layer, pooled.layer) == (1280, "features maps", "features avgpool")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        m = maps.model(x)
+        torch.testing.assert_close(m.mean(dim=(2, 3)), pooled.model(x))
+    assert m.shape == (1, 1280, 2, 2)
+
+
+@pytest.mark.parametrize("name", BACKBONES_3D)
+@pytest.mark.parametrize("output", ["taps", "maps"])
+def test_3d_backbones_refuse_taps_and_maps(name: str, output: str) -> None:
+    with pytest.raises(ValueError, match=f"output '{output}' is for 2D backbones; {name} is a 3D"):
+        build_backbone(name, weights="none", output=output)
+
+
+def test_taps_are_refused_where_there_are_no_resnet_blocks() -> None:
+    with pytest.raises(ValueError, match="efficientnet_lite0 has none"):
+        build_backbone("efficientnet_lite0", weights="none", output="taps")
+    with pytest.raises(ValueError, match=r"taps must be distinct names .* got \['layer5'\]"):
+        build_backbone("resnet18", weights="none", output="taps", taps=("layer5",))
+    with pytest.raises(ValueError, match="taps must be distinct"):
+        build_backbone("resnet18", weights="none", output="taps", taps=("layer2", "layer2"))
+    with pytest.raises(ValueError, match="output must be one of pooled, taps, maps"):
+        build_backbone("resnet18", weights="none", output="conv5")
+
+
+# -- crops ------------------------------------------------------------------------------------
+
+
+def test_crop_views_ten_crop_geometry() -> None:
+    x = np.arange(6 * 8).reshape(6, 8)
+    v = crop_views(x, 4, "ten_mean")
+    assert v.shape == (10, 4, 4)
+    # top-left, top-right, bottom-left, bottom-right, centre (top 1, left 2)
+    for i, (r, c) in enumerate([(0, 0), (0, 4), (2, 0), (2, 4), (1, 2)]):
+        np.testing.assert_array_equal(v[i], x[r : r + 4, c : c + 4])
+        np.testing.assert_array_equal(v[5 + i], x[r : r + 4, c : c + 4][:, ::-1])
+    assert v[1, 0, 0] == x[0, 4] and v[6, 0, 0] == x[0, 7]  # the mirror reverses W
+    np.testing.assert_array_equal(crop_views(x, 4, "ten_axis"), v)
+    # Leading axes are carried, the views go first.
+    y = np.arange(2 * 3 * 6 * 8).reshape(2, 3, 6, 8)
+    vy = crop_views(y, 4, "ten_axis")
+    assert vy.shape == (10, 2, 3, 4, 4)
+    np.testing.assert_array_equal(vy[3, 1, 2], y[1, 2, 2:6, 4:8])
+    centre = crop_views(y, 4, "centre")
+    assert centre.shape == (1, 2, 3, 4, 4)
+    np.testing.assert_array_equal(centre[0], centre_crop(y, 4))
+    assert [n_views(s) for s in ("centre", "ten_mean", "ten_axis")] == [1, 10, 10]
+
+
+def test_crop_views_errors_name_the_sizes_and_the_scheme() -> None:
+    x = np.zeros((6, 8))
+    with pytest.raises(ValueError, match="frame 6x8 is smaller than the crop 7"):
+        crop_views(x, 7, "ten_mean")
+    with pytest.raises(ValueError, match="unknown crop scheme 'five'"):
+        crop_views(x, 4, "five")
+
+
+def test_rgb_input_centre_is_unchanged() -> None:
+    """crops='centre' returns exactly what rgb_input returned before crops existed."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    x = rgb_input(frames, crop=32, mean=mean, std=std)
+    old = centre_crop(frames.transpose(0, 3, 1, 2), 32)
+    old = torch.from_numpy(np.ascontiguousarray(old)).float().div_(255.0)
+    old = (old - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    assert torch.equal(x, old)
+    assert torch.equal(rgb_input(frames, crop=32, mean=mean, std=std, crops="centre"), old)
+
+
+def test_rgb_input_ten_crop_is_view_major() -> None:
+    t = 3
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (t, 40, 50, 3), dtype=np.uint8)
+    kw = {"crop": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    centre = rgb_input(frames, **kw)
+    ten = rgb_input(frames, crops="ten_mean", **kw)
+    assert ten.shape == (10 * t, 3, 32, 32)
+    torch.testing.assert_close(ten[4 * t : 5 * t], centre)  # view 4 is the centre
+    torch.testing.assert_close(ten[9 * t : 10 * t], centre.flip(-1))  # view 9 its mirror
+    top_left = rgb_input(frames[:, :32, :32], **kw)
+    torch.testing.assert_close(ten[:t], top_left)
+
+
+def test_ten_crop_of_flow_negates_u_and_keeps_v() -> None:
+    t, ell, h, w = 2, 3, 6, 8
+    rng = np.random.default_rng(2)
+    stacks = rng.integers(0, 256, (t, ell, 2, h, w), dtype=np.uint8)
+    x = flow_input(stacks, crop=4, mean=(0.0,) * 6, std=(1.0,) * 6, crops="ten_axis")
+    assert x.shape == (10 * t, 2 * ell, 4, 4)
+    q = (x * 255).round().to(torch.int64).view(10, t, ell, 2, 4, 4).numpy()
+    centre = stacks[..., 1:5, 2:6].astype(np.int64)
+    np.testing.assert_array_equal(q[4], centre)  # unmirrored views are untouched
+    np.testing.assert_array_equal(q[9, :, :, 0], 255 - centre[:, :, 0, :, ::-1])  # u -> -u
+    np.testing.assert_array_equal(q[9, :, :, 1], centre[:, :, 1, :, ::-1])  # v kept
+    top_right = stacks[..., 0:4, 4:8].astype(np.int64)
+    np.testing.assert_array_equal(q[6, :, :, 0], 255 - top_right[:, :, 0, :, ::-1])
+    # The centre view with crops="centre" is the same as view 4 of the ten.
+    c = flow_input(stacks, crop=4, mean=(0.0,) * 6, std=(1.0,) * 6)
+    torch.testing.assert_close(c, x[4 * t : 5 * t])
+
+
+def test_255_minus_q_is_the_quantised_negated_flow() -> None:
+    from pipeline.flow import quantise
+
+    u = np.random.default_rng(3).uniform(-25, 25, 10_000).astype(np.float32)
+    q, q_neg = quantise(u, 20.0), quantise(-u, 20.0)
+    diff = q_neg.astype(int) - (255 - q.astype(int))
+    # Equal except at exact rounding ties (zero flow among them), which are one level apart.
+    assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 1e-3
+
+
+def test_clip_input_puts_channels_before_time() -> None:
+    k, s = 2, 4
+    rng = np.random.default_rng(4)
+    clips = rng.integers(0, 256, (k, s, 10, 12, 3), dtype=np.uint8)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    x = clip_input(clips, crop=8, mean=mean, std=std)
+    assert x.shape == (k, 3, s, 8, 8) and x.dtype == torch.float32
+    for ch in range(3):
+        expected = (clips[1, 2, 1:9, 2:10, ch] / 255.0 - mean[ch]) / std[ch]
+        np.testing.assert_allclose(x[1, ch, 2].numpy(), expected, rtol=1e-5, atol=1e-6)
+    ten = clip_input(clips, crop=8, mean=mean, std=std, crops="ten_mean")
+    assert ten.shape == (10 * k, 3, s, 8, 8)
+    torch.testing.assert_close(ten[4 * k : 5 * k], x)  # view-major: view 4 is the centre
+    torch.testing.assert_close(ten[9 * k : 10 * k], x.flip(-1))
+
+
+def test_flow_clip_input_shape_and_mirroring() -> None:
+    k, s = 2, 4
+    rng = np.random.default_rng(5)
+    flow = rng.integers(0, 256, (k, s, 2, 10, 12), dtype=np.uint8)
+    x = flow_clip_input(flow, crop=8, mean=(0.0, 0.0), std=(1.0, 1.0), crops="ten_axis")
+    assert x.shape == (10 * k, 2, s, 8, 8)
+    q = (x * 255).round().to(torch.int64).numpy()
+    centre = flow[..., 1:9, 2:10].astype(np.int64).transpose(0, 2, 1, 3, 4)  # (K, 2, s, 8, 8)
+    np.testing.assert_array_equal(q[4 * k : 5 * k], centre)
+    np.testing.assert_array_equal(q[9 * k : 10 * k, 0], 255 - centre[:, 0, ..., ::-1])
+    np.testing.assert_array_equal(q[9 * k : 10 * k, 1], centre[:, 1, ..., ::-1])
+    # Mirroring by 255 - q is only right for uint8 quantised flow.
+    with pytest.raises(ValueError, match="needs uint8 quantised flow"):
+        flow_clip_input(flow.astype(np.float32), crop=8, mean=(0, 0), std=(1, 1), crops="ten_mean")
+
+
+# -- batching and memory format with 3D models and maps ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
+def test_3d_models_run_channels_last_3d_with_the_same_features(name: str) -> None:
+    assert memory_format("2d") == torch.channels_last
+    assert memory_format("3d") == torch.channels_last_3d
+    with pytest.raises(ValueError, match="kind must be '2d' or '3d'"):
+        memory_format("4d")
+    bb = build_backbone(name, weights="none")
+    fmt = memory_format(bb.kind)
+    x = _clips(2)
+    fast = copy.deepcopy(bb.model).to(memory_format=fmt)
+    xc = x.contiguous(memory_format=fmt)
+    assert xc.is_contiguous(memory_format=torch.channels_last_3d) and not xc.is_contiguous()
+    with torch.inference_mode():
+        ref = bb.model(x)
+        got = fast(xc)
+    _assert_close_rel(got, ref)
