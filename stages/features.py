@@ -1,5 +1,9 @@
-"""features: a 2D CNN per stream (rgb frames or stacked flow), globally average-pooled, written as
-(T, D) float16 per video into a Zarr cache. Resumable like flow."""
+"""features: a 2D or 3D CNN per stream (rgb frames or clips, stacked flow or flow clips), written
+per video as float16 into a pack cache: pooled (T, D), multi-level taps, or conv maps, with
+centre or 10-crops. Resumable like flow, and sharded over ranks under torchrun:
+
+    torchrun --nproc_per_node 4 -m stages.features --stream rgb --input data/decode --out data/features/rgb
+"""
 
 from __future__ import annotations
 
@@ -7,111 +11,119 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from pipeline import extract
 from pipeline.backbones import (
     build_backbone,
-    extract_batched,
-    flow_input,
     inference_context,
+    is_3d,
+    memory_format,
     resolve_device,
     resolve_precision,
-    rgb_input,
 )
 from pipeline.cache import open_cache
-from pipeline.config import StreamFeaturesConfig, section
+from pipeline.config import CacheConfig, StreamFeaturesConfig, section
+from pipeline.distributed import close_world, collect, init_world, open_shared_cache
 from pipeline.plan import read_plan
-from pipeline.runner import Counts, Failure, finish, progress, resolve_workers
-from pipeline.video import read_frames
+from pipeline.runner import Counts, Failure, finish, progress
+from pipeline.versions import versions
 
 log = logging.getLogger("features")
 
 
-class _Inputs(torch.utils.data.Dataset):
-    """Decodes one video's network input per item, in DataLoader workers (overlaps the CNN).
-
-    rgb items are (video_id, path, points, short_side); flow items read the flow cache, opened
-    once per worker process.
-    """
-
-    def __init__(
-        self, stream: str, items: list[tuple], source: Path, crop: int, mean: tuple, std: tuple
-    ) -> None:
-        self.stream, self.items, self.source = stream, items, source
-        self.crop, self.mean, self.std = crop, mean, std
-        self._flow = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
-        vid = self.items[i][0]
-        try:
-            if self.stream == "rgb":
-                _, path, points, short_side = self.items[i]
-                frames = read_frames(Path(path), np.asarray(points), short_side=short_side)
-                return vid, rgb_input(frames, crop=self.crop, mean=self.mean, std=self.std), None
-            if self._flow is None:
-                self._flow = open_cache(self.source / "cache", "r")
-            return (
-                vid,
-                flow_input(self._flow.read(vid), crop=self.crop, mean=self.mean, std=self.std),
-                None,
-            )
-        except Exception as e:  # recorded as this video's failure, the others go on
-            return vid, None, f"{type(e).__name__}: {e}"
+DEFAULT_CACHE = CacheConfig()  # frozen, so one shared default is safe
 
 
-def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> Counts:
-    torch.set_num_threads(resolve_workers(cfg.threads))
+def _upstream(stream: str, source: Path) -> tuple[list[extract.Item], dict, dict, int, int]:
+    """-> (items, {id: source fingerprint}, upstream metadata, input channels, short side)."""
     if stream == "rgb":
         plan = read_plan(source / "plan.json")
-        ids, in_ch, upstream = sorted(plan.videos), 3, {"sampling": plan.identity()}
-        paths = {k: v.path for k, v in plan.videos.items()}
+        items = [
+            extract.Item(k, v.path, tuple(v.points), v.frames)
+            for k, v in sorted(plan.videos.items())
+        ]
         sources = {k: v.source for k, v in plan.videos.items()}
-    elif stream == "flow":
+        return items, sources, {"sampling": plan.identity()}, 3, plan.settings.short_side
+    if stream == "flow":
         with open_cache(source / "cache", "r") as flow:
             ids, attrs = flow.keys(), flow.attrs
             sources = {k: flow.meta(k)["source"] for k in ids}
+        upstream = {"sampling": attrs["sampling"], "flow": attrs["flow"]}
         pairs = attrs["sampling"]["flow_pairs"]
-        in_ch, upstream = 2 * pairs, {"sampling": attrs["sampling"], "flow": attrs["flow"]}
-        paths = {k: str(source / "cache" / k) for k in ids}
-    else:
-        raise SystemExit(f"features: unknown stream '{stream}' (rgb or flow)")
-    bb = build_backbone(cfg.backbone, weights=cfg.weights, in_channels=in_ch)
+        items = [extract.Item(k, str(source / "cache")) for k in ids]
+        return items, sources, upstream, 2 * pairs, 0
+    raise SystemExit(f"features: unknown stream '{stream}' (rgb or flow)")
+
+
+def main(
+    cfg: StreamFeaturesConfig,
+    *,
+    stream: str,
+    source: Path,
+    out: Path,
+    cache_cfg: CacheConfig = DEFAULT_CACHE,
+) -> Counts:
+    extract.check_settings(cfg)
     device = resolve_device(cfg.device)
+    world = init_world(device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+    torch.set_num_threads(world.cores(cfg.threads))
+    items, sources, upstream, in_ch, short_side = _upstream(stream, source)
+    # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
+    bb = build_backbone(
+        cfg.backbone,
+        weights=cfg.weights,
+        in_channels=2 if stream == "flow" and is_3d(cfg.backbone) else in_ch,
+        output=cfg.output,
+        taps=cfg.taps,
+    )
     precision = resolve_precision(cfg.precision, device)
     # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolution kernels
-    model = bb.model.to(device, memory_format=torch.channels_last)
+    fmt = memory_format(bb.kind)
+    model = bb.model.to(device, memory_format=fmt)
     attrs = {
         "kind": "features",
         "stream": stream,
+        "params": extract.params_identity(cfg),
         "backbone": cfg.backbone,
         "weights": bb.weights_id,
+        "layer": bb.layer,
+        "levels": list(bb.levels) if bb.levels else None,
         "crop": cfg.crop,
-        "pooling": "global average",
-        "dtype": "float16",
-        "layout": "(T, D)",
+        "crops": cfg.crops,
+        "layout": extract.layout(cfg),
         "dim": bb.dim,
+        "dtype": "float16",
         "precision": precision,
         "device": device.type,
-        "torch": torch.__version__,
+        "versions": versions(),
         **upstream,
     }
-    failures = []
-    with open_cache(out / "cache", "a", attrs=attrs) as cache:
+    cache = open_shared_cache(
+        world,
+        out / "cache",
+        attrs=attrs,
+        backend=cache_cfg.backend,
+        videos_per_pack=cache_cfg.videos_per_pack,
+    )
+    failures: list[Failure] = []
+    with cache:
         done = cache.up_to_date(sources)
-        written = 0
-        todo = [v for v in ids if v not in done]
-        if stream == "rgb":
-            items = [
-                (v, plan.videos[v].path, plan.videos[v].points, plan.settings.short_side)
-                for v in todo
-            ]
-        else:
-            items = [(v,) for v in todo]
-        data = _Inputs(stream, items, source, cfg.crop, bb.mean, bb.std)
+        todo = world.shard([it for it in items if it.video_id not in done])
+        paths = {it.video_id: it.path for it in todo}
+        if world.size > 1:
+            log.info("rank %d/%d: %d of the videos to extract", world.rank, world.size, len(todo))
+        data = extract.VideoInputs(
+            cfg,
+            stream=stream,
+            items=todo,
+            short_side=short_side,
+            flow_cache=source / "cache" if stream == "flow" else None,
+            mean=bb.mean,
+            std=bb.std,
+        )
         workers = 1 if len(todo) > 1 else 0
         loader = torch.utils.data.DataLoader(
             data,
@@ -120,22 +132,31 @@ def main(cfg: StreamFeaturesConfig, *, stream: str, source: Path, out: Path) -> 
             multiprocessing_context="spawn" if workers else None,
             pin_memory=device.type == "cuda",
         )
+        sizes: dict[str, int] = {}
 
         def decoded() -> Iterator[tuple[str, torch.Tensor]]:
-            for vid, x, err in progress(
-                loader, desc=f"features ({stream}, {cfg.backbone})", total=len(todo)
-            ):
+            desc = f"features ({stream}, {cfg.backbone})"
+            if world.size > 1:
+                desc += f" rank {world.rank}/{world.size}"
+            for vid, x, n, err in progress(loader, desc=desc, total=len(todo)):
                 if err:
                     failures.append(Failure(vid, paths[vid], "features", err))
-                else:
-                    x = x.to(device, non_blocking=True)
-                    yield vid, x.contiguous(memory_format=torch.channels_last)
+                    continue
+                sizes[vid] = n
+                yield vid, x.to(device, non_blocking=True).contiguous(memory_format=fmt)
 
+        written = 0
         with torch.inference_mode(), inference_context(device, precision):
-            for vid, feats in extract_batched(model, decoded(), batch_size=cfg.batch_size):
-                feats = feats.float().cpu().numpy().astype(np.float16)
-                cache.write(vid, feats, {"source": sources[vid]})
+            for vid, feats in extract.forward_batched(model, decoded(), batch_size=cfg.batch_size):
+                cache.write(
+                    vid, extract.arrange(feats, n=sizes.pop(vid), cfg=cfg), {"source": sources[vid]}
+                )
                 written += 1
+        failures, written = collect(world, failures, written)
+    # leaving the with block: the primary compacts, now that every rank's videos are in
+    close_world(world)
+    if not world.primary:
+        return Counts(done=written, skipped=len(done), failed=len(failures))
     return finish(
         f"features ({stream})", out / "failures.csv", failures, done=written, skipped=len(done)
     )
@@ -147,5 +168,10 @@ if __name__ == "__main__":
     args, params = parse(
         __doc__, "input", "out", extra={"stream": {"required": True, "choices": ["rgb", "flow"]}}
     )
-    cfg = section(params, f"features.{args.stream}", StreamFeaturesConfig)
-    main(cfg, stream=args.stream, source=args.input, out=args.out)
+    main(
+        section(params, f"features.{args.stream}", StreamFeaturesConfig),
+        stream=args.stream,
+        source=args.input,
+        out=args.out,
+        cache_cfg=section(params, "cache", CacheConfig),
+    )

@@ -1,5 +1,6 @@
-"""flow: L quantised flow pairs at every sampled point of every planned video, into a Zarr cache.
-Resumable: videos already in the cache (written with the same settings) are skipped."""
+"""flow: L quantised flow pairs at every sampled point of every planned video, into a pack cache.
+Resumable: videos already in the cache (written with the same settings) are skipped. Under
+torchrun every rank (machine) takes its share of the videos, each with its own process pool."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import open_cache
-from pipeline.config import DecodeConfig, FlowConfig, section
-from pipeline.flow import RAFT_ALGORITHMS, flow_settings, video_flow
+from pipeline.config import CacheConfig, DecodeConfig, FlowConfig, section
+from pipeline.flow import RAFT_ALGORITHMS, flow_settings, raft_model, video_flow
 from pipeline.plan import Plan, read_plan
 from pipeline.plan import sampling as sampling_of
 from pipeline.runner import Counts, Failure, finish, map_videos
+from pipeline.versions import versions
+
+DEFAULT_CACHE = CacheConfig()  # frozen, so one shared default is safe
 
 
 def _one_thread() -> None:
@@ -38,25 +41,46 @@ def cache_attrs(plan: Plan, cfg: FlowConfig) -> dict:
         "flow": flow_settings(cfg),
         "sampling": plan.identity(),
         "opencv": cv2.__version__,
+        "versions": versions(),
         "layout": "(N points, L pairs, 2 [x, y], H, W) uint8, value = (clip(f, -b, b) + b) * 255 / 2b",
     }
 
 
-def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
+def main(
+    cfg: FlowConfig, *, plan_path: Path, out: Path, cache_cfg: CacheConfig = DEFAULT_CACHE
+) -> Counts:
+    # torch only here: the TV-L1 pool's spawned workers import this module and must stay light
+    import torch
+
+    from pipeline.backbones import resolve_device
+    from pipeline.distributed import close_world, collect, init_world, open_shared_cache
+
     plan = read_plan(plan_path)
+    raft = cfg.algorithm in RAFT_ALGORITHMS
+    world = init_world(resolve_device(cfg.raft.device) if raft else torch.device("cpu"))
     failures = []
-    with open_cache(out / "cache", "a", attrs=cache_attrs(plan, cfg)) as cache:
+    cache = open_shared_cache(
+        world,
+        out / "cache",
+        attrs=cache_attrs(plan, cfg),
+        backend=cache_cfg.backend,
+        videos_per_pack=cache_cfg.videos_per_pack,
+    )
+    with cache:
         done = cache.up_to_date({k: v.source for k, v in plan.videos.items()})
-        todo = [(k, v.path, v.frames) for k, v in sorted(plan.videos.items()) if k not in done]
+        todo = world.shard(
+            [(k, v.path, v.frames) for k, v in sorted(plan.videos.items()) if k not in done]
+        )
         fn = partial(_flow, settings=plan.settings, cfg=cfg)
         written = 0
         # RAFT: one model (on the GPU, or on torch's own threads) in this process, video after
         # video; a CPU process pool would hold one model per process and oversubscribe the cores.
-        raft = cfg.algorithm in RAFT_ALGORITHMS
+        if raft and todo:
+            raft_model(cfg)  # weights that do not fit stop the stage before any video
         for (vid, path, _), stacks, err in map_videos(
             fn,
             todo,
-            workers=1 if raft else cfg.workers,
+            workers=1 if raft else world.cores(cfg.workers),
             desc=f"flow ({cfg.algorithm})",
             initializer=None if raft else _one_thread,
         ):
@@ -65,6 +89,10 @@ def main(cfg: FlowConfig, *, plan_path: Path, out: Path) -> Counts:
             else:
                 cache.write(vid, stacks, {"source": plan.videos[vid].source})
                 written += 1
+        failures, written = collect(world, failures, written)
+    close_world(world)  # the primary compacted the cache when leaving the with block
+    if not world.primary:
+        return Counts(done=written, skipped=len(done), failed=len(failures))
     return finish("flow", out / "failures.csv", failures, done=written, skipped=len(done))
 
 
@@ -72,4 +100,9 @@ if __name__ == "__main__":
     from stages._cli import parse
 
     args, params = parse(__doc__, "plan", "out")
-    main(section(params, "flow", FlowConfig), plan_path=args.plan, out=args.out)
+    main(
+        section(params, "flow", FlowConfig),
+        plan_path=args.plan,
+        out=args.out,
+        cache_cfg=section(params, "cache", CacheConfig),
+    )

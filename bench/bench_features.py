@@ -1,0 +1,175 @@
+"""Issue 4 (a): throughput of the `features` stage against the bare backbone on the same frames.
+
+For resnet50 (centre crop 224 of frames at short side 256, the decode plan's 25 points) and
+r3d_18 (16-frame clips with stride 8, crop 112 at short side 128) on the real clips in
+../shared/testdata/videos, each repeated to make a small dataset:
+
+- stage: wall time of `stages.features.main` (decode in a DataLoader worker, batching across
+  videos, cache writes; model build and worker start-up included) -> images/s or clips/s;
+- bare: the same network inputs decoded beforehand, timed through the model alone in batches
+  of the same size (fp32 eager, and bf16 autocast + channels_last, as the stage runs them);
+- the cosine similarity of the stage's bf16 features against its fp32 ones (goal >= 0.99).
+
+    python bench/bench_features.py [--copies 4]
+
+Prints measured numbers; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbones import (
+    build_backbone,
+    clip_input,
+    memory_format,
+    resolve_precision,
+    rgb_input,
+)
+from pipeline.cache import open_cache
+from pipeline.config import DatasetConfig, DecodeConfig, StreamFeaturesConfig
+from pipeline.plan import read_plan
+from pipeline.video import clip_windows, read_frames
+from stages import decode, features, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEOS = ROOT.parent / "shared" / "testdata" / "videos"
+CLIPS = ("test.avi", "example.avi", "part_0.mp4", "flipping_a_pancake.mkv")
+
+
+def _dataset(root: Path, copies: int, short_side: int) -> Path:
+    """A folder dataset of ``copies`` links to each real clip, prepared and decoded."""
+    for i in range(copies):
+        d = root / "videos" / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in CLIPS:
+            (d / f"{i}_{name}").symlink_to(VIDEOS / name)
+    prepare.main(
+        DatasetConfig(name="folder", root=str(root / "videos"), probe_workers=1), root / "prepare"
+    )
+    decode.main(
+        DecodeConfig(num_frames=25, flow_pairs=5, short_side=short_side, workers=2),
+        manifest=root / "prepare/manifest.csv",
+        probe=root / "prepare/probe.csv",
+        out=root / "decode",
+    )
+    return root / "decode"
+
+
+def _inputs(cfg: StreamFeaturesConfig, dec: Path, mean: tuple, std: tuple) -> list[torch.Tensor]:
+    """The network inputs the stage computes, decoded up front (what the bare figure runs on)."""
+    plan = read_plan(dec / "plan.json")
+    out = []
+    for v in plan.videos.values():
+        kw = {"crop": cfg.crop, "mean": mean, "std": std}
+        if cfg.sampling == "points":
+            frames = read_frames(
+                Path(v.path), np.asarray(v.points), short_side=plan.settings.short_side
+            )
+            out.append(rgb_input(frames, **kw))
+        else:
+            w = clip_windows(v.frames, length=cfg.clip_len, stride=cfg.clip_stride)
+            frames = read_frames(Path(v.path), np.unique(w), short_side=plan.settings.short_side)
+            out.append(clip_input(frames[np.searchsorted(np.unique(w), w)], **kw))
+    return out
+
+
+def bare(cfg: StreamFeaturesConfig, xs: list[torch.Tensor], precision: str) -> float:
+    """Inputs per second of the model alone: fp32 eager, or bf16 autocast + channels_last."""
+    bb = build_backbone(cfg.backbone, weights=cfg.weights)
+    x = torch.cat(xs)
+    model, fmt = bb.model, torch.contiguous_format
+    if precision == "bf16":
+        fmt = memory_format(bb.kind)
+        model = model.to(memory_format=fmt)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), ctx:
+        model(x[: cfg.batch_size].contiguous(memory_format=fmt))  # warm-up
+        t = time.perf_counter()
+        for i in range(0, len(x), cfg.batch_size):
+            model(x[i : i + cfg.batch_size].contiguous(memory_format=fmt))
+        return len(x) / (time.perf_counter() - t)
+
+
+def stage(cfg: StreamFeaturesConfig, dec: Path, out: Path) -> tuple[float, dict[str, np.ndarray]]:
+    """Inputs per second of the whole features stage, and its features."""
+    t = time.perf_counter()
+    features.main(cfg, stream="rgb", source=dec, out=out)
+    dt = time.perf_counter() - t
+    with open_cache(out / "cache", "r") as c:
+        feats = {k: c.read(k).astype(np.float32) for k in c.keys()}
+    return sum(len(f) for f in feats.values()) / dt, feats
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine similarity between matching rows of (T, D) features."""
+    return float(
+        np.min((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)))
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--copies", type=int, default=4, help="links to each real clip")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    native = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, native bf16: {native}")
+    cases = [
+        ("resnet50 centre 224", 256, StreamFeaturesConfig(
+            backbone="resnet50", weights="none", crop=224, batch_size=32, device="cpu")),
+        ("r3d_18 clips 16/8 112", 128, StreamFeaturesConfig(
+            backbone="r3d_18", weights="none", crop=112, batch_size=8, device="cpu",
+            sampling="clips", clip_len=16, clip_stride=8)),
+    ]  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, short, cfg in cases:
+            dec = _dataset(Path(tmp) / name.split()[0], args.copies, short)
+            bb = build_backbone(cfg.backbone, weights=cfg.weights)
+            xs = _inputs(cfg, dec, bb.mean, bb.std)
+            unit = "clips/s" if cfg.sampling == "clips" else "images/s"
+            n = sum(len(x) for x in xs)
+            fig = {}
+            for prec in ("fp32", "bf16") if native else ("fp32",):
+                c = dataclasses.replace(cfg, precision=prec)
+                fig[f"bare {prec}"] = bare(c, xs, prec)
+                fig[f"stage {prec}"], feats = stage(c, dec, Path(tmp) / f"{name.split()[0]}_{prec}")
+                fig[f"feats {prec}"] = feats
+            rows.append((name, f"{len(xs)} videos, {n} inputs", "", ""))
+            for key in ("bare fp32", "stage fp32", "bare bf16", "stage bf16"):
+                if key in fig:
+                    rows.append((name, key, f"{fig[key]:.2f}", unit))
+            rows.append(
+                (name, "stage / bare, fp32", f"{fig['stage fp32'] / fig['bare fp32']:.2f}", "x")
+            )
+            if native:
+                rows.append(
+                    (name, "stage / bare, bf16", f"{fig['stage bf16'] / fig['bare bf16']:.2f}", "x")
+                )
+                rows.append(
+                    (
+                        name,
+                        "stage bf16 / bare fp32 eager",
+                        f"{fig['stage bf16'] / fig['bare fp32']:.2f}",
+                        "x",
+                    )
+                )
+                a, b = fig["feats fp32"], fig["feats bf16"]
+                cos = min(_cosine(a[k], b[k]) for k in a)
+                rows.append((name, "bf16 vs fp32 feature cosine (min)", f"{cos:.4f}", ""))
+    width = max(len(r[1]) for r in rows)
+    for case, what, value, unit in rows:
+        print(f"{case:<22} {what:<{width}} {value:>8} {unit}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The features stage on a tiny demo: every extraction choice of issue 4 gives entries of the
+shape its layout says, kill -9 resumes to the same bytes, and two torchrun ranks (gloo, CPU)
+write the same cache as one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache import open_cache
+from pipeline.config import (
+    CacheConfig,
+    DatasetConfig,
+    DecodeConfig,
+    DemoConfig,
+    FlowConfig,
+    StreamFeaturesConfig,
+)
+from stages import decode, features, flow, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = DemoConfig(videos_per_class=4, frames=12, size=32)
+R18 = StreamFeaturesConfig(backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1)
+
+
+def _prepare(root: Path, decode_cfg: DecodeConfig) -> Path:
+    prepare.main(DatasetConfig(name="demo", demo=DEMO, probe_workers=1), root / "prepare")
+    decode.main(
+        decode_cfg,
+        manifest=root / "prepare/manifest.csv",
+        probe=root / "prepare/probe.csv",
+        out=root / "decode",
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def points(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 demo videos of 12 frames at 32 px, decoded to 8 points with 2 flow pairs."""
+    cfg = DecodeConfig(num_frames=8, flow_pairs=2, short_side=32, workers=1)
+    return _prepare(tmp_path_factory.mktemp("points"), cfg)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same videos with dense sampling and Farneback flow of every consecutive pair."""
+    cfg = DecodeConfig(short_side=32, flow_pairs=1, sampling="dense", workers=1)
+    root = _prepare(tmp_path_factory.mktemp("dense"), cfg)
+    flow.main(
+        FlowConfig(algorithm="farneback", workers=1),
+        plan_path=root / "decode/plan.json",
+        out=root / "flow",
+    )
+    return root
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache by relative path, with its bytes."""
+    return {
+        str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()
+    }
+
+
+def _entries(cache: Path) -> dict[str, np.ndarray]:
+    with open_cache(cache, "r") as c:
+        return {k: c.read(k) for k in c.keys()}
+
+
+def test_pooled_rgb_entries_and_metadata(points: Path, tmp_path: Path) -> None:
+    counts = features.main(R18, stream="rgb", source=points / "decode", out=tmp_path / "rgb")
+    assert (counts.done, counts.skipped, counts.failed) == (24, 0, 0)
+    with open_cache(tmp_path / "rgb/cache", "r") as c:
+        a = c.attrs
+        x = c.read(c.keys()[0])
+    assert x.shape == (8, 512) and x.dtype == np.float16
+    assert a["layout"] == "(T, D)" and a["layer"] and a["crops"] == "centre"
+    assert a["params"]["backbone"] == "resnet18" and a["weights"].startswith("random")
+    assert a["versions"]["torch"] and a["versions"]["decord"]
+    assert a["sampling"]["num_frames"] == 8
+
+
+def test_mrrn_multi_level_taps_on_looped_clips(points: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        R18,
+        backbone="resnet34",
+        output="taps",
+        sampling="clips",
+        clip_len=6,
+        clip_stride=4,
+        max_clips=2,
+    )
+    features.main(cfg, stream="rgb", source=points / "decode", out=tmp_path / "taps")
+    with open_cache(tmp_path / "taps/cache", "r") as c:
+        assert c.attrs["layout"] == "(V, T, D)" and c.attrs["levels"] == [128, 256, 512]
+        assert c.attrs["dim"] == 896
+        x = c.read(c.keys()[0])
+    # 12 frames: clips start at 0 and 4 (a third at 8 would pass the end), 6 frames each
+    assert x.shape == (2, 6, 896)
+
+
+def test_conv_maps_for_tsrnn(points: Path, tmp_path: Path) -> None:
+    dec = points / "decode"
+    features.main(
+        dataclasses.replace(R18, output="maps"), stream="rgb", source=dec, out=tmp_path / "maps"
+    )
+    features.main(R18, stream="rgb", source=dec, out=tmp_path / "pooled")
+    maps, pool = _entries(tmp_path / "maps/cache"), _entries(tmp_path / "pooled/cache")
+    with open_cache(tmp_path / "maps/cache", "r") as c:
+        assert c.attrs["layout"] == "(T, C, H, W)" and c.attrs["dim"] == 512
+    k = sorted(maps)[0]
+    assert maps[k].shape == (8, 512, 1, 1)  # 32 px crops; 7 x 7 at 224 (tests/test_backbones.py)
+    np.testing.assert_allclose(
+        maps[k].astype(np.float32).mean((2, 3)), pool[k].astype(np.float32), atol=2e-3
+    )
+
+
+def test_ten_crop_mean_is_the_mean_of_the_kept_crops(points: Path, tmp_path: Path) -> None:
+    dec = points / "decode"
+    axis = dataclasses.replace(R18, crop=24, crops="ten_axis")
+    mean = dataclasses.replace(R18, crop=24, crops="ten_mean")
+    features.main(axis, stream="rgb", source=dec, out=tmp_path / "axis")
+    features.main(mean, stream="rgb", source=dec, out=tmp_path / "mean")
+    a, m = _entries(tmp_path / "axis/cache"), _entries(tmp_path / "mean/cache")
+    k = sorted(a)[0]
+    assert a[k].shape == (10, 8, 512) and m[k].shape == (8, 512)
+    # eq. (5); float16 storage of both sides
+    np.testing.assert_allclose(a[k].astype(np.float32).mean(0), m[k], rtol=1e-2, atol=1e-2)
+    assert not np.allclose(a[k][0], a[k][5])  # a crop and its mirror differ
+
+
+def test_3d_clips_rgb_and_flow(dense: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        R18, backbone="r3d_18", sampling="clips", clip_len=8, clip_stride=4, batch_size=4
+    )
+    features.main(cfg, stream="rgb", source=dense / "decode", out=tmp_path / "rgb3d")
+    features.main(cfg, stream="flow", source=dense / "flow", out=tmp_path / "flow3d")
+    with open_cache(tmp_path / "rgb3d/cache", "r") as c:
+        assert c.attrs["layout"] == "(T, D)" and c.attrs["dim"] == 512
+        rgb = c.read(c.keys()[0])
+    with open_cache(tmp_path / "flow3d/cache", "r") as c:
+        assert c.attrs["flow"]["algorithm"] == "farneback"
+        fl = c.read(c.keys()[0])
+    # K = floor((l - s) / r) + 1: 12 frames -> 2 clips; 11 flow fields -> 1 clip
+    assert rgb.shape == (2, 512) and fl.shape == (1, 512)
+
+
+def test_3d_flow_refuses_stacked_flow(points: Path, tmp_path: Path) -> None:
+    flow.main(
+        FlowConfig(algorithm="farneback", workers=1),
+        plan_path=points / "decode/plan.json",
+        out=tmp_path / "flow",
+    )
+    cfg = dataclasses.replace(R18, backbone="r3d_18", sampling="clips", clip_len=4, clip_stride=2)
+    with pytest.raises(SystemExit):
+        features.main(cfg, stream="flow", source=tmp_path / "flow", out=tmp_path / "f3d")
+    fails = (tmp_path / "f3d/failures.csv").read_text()
+    assert "decode.sampling: dense" in fails
+
+
+def test_hdf5_backend_holds_the_same_features(points: Path, tmp_path: Path) -> None:
+    dec = points / "decode"
+    features.main(R18, stream="rgb", source=dec, out=tmp_path / "z")
+    features.main(
+        R18, stream="rgb", source=dec, out=tmp_path / "h", cache_cfg=CacheConfig(backend="hdf5")
+    )
+    z, h = _entries(tmp_path / "z/cache"), _entries(tmp_path / "h/cache")
+    assert sorted(z) == sorted(h) and len(z) == 24
+    for k in z:
+        np.testing.assert_array_equal(z[k], h[k])
+    assert any(p.suffix == ".h5" for p in (tmp_path / "h/cache").rglob("*"))
+
+
+def _stage_cmd(params: Path, source: Path, out: Path) -> list[str]:
+    return ["-m", "stages.features", "--params", str(params), "--stream", "rgb",
+            "--input", str(source), "--out", str(out)]  # fmt: skip
+
+
+PARAMS = """features:
+  rgb: {backbone: resnet18, weights: none, crop: 32, batch_size: 16, threads: 1, device: cpu}
+cache: {backend: zarr, videos_per_pack: 8}
+"""
+
+
+def test_killed_mid_run_resumes_to_the_same_bytes(points: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.replace("batch_size: 16", "batch_size: 4"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, *_stage_cmd(params, points / "decode", out)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    n = 0
+    while time.time() < deadline:
+        if (out / "cache/cache.json").exists():
+            with open_cache(out / "cache", "r") as c:
+                n = len(c)
+        if n >= 3:
+            break
+        assert proc.poll() is None, "features finished before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_cache(out / "cache", "r") as c:
+        finished = len(c)
+    assert 3 <= finished < 24
+    cfg = dataclasses.replace(R18, batch_size=4)
+    packs = CacheConfig(videos_per_pack=8)
+    again = features.main(cfg, stream="rgb", source=points / "decode", out=out, cache_cfg=packs)
+    assert (again.skipped, again.done, again.failed) == (finished, 24 - finished, 0)
+    fresh = tmp_path / "fresh"
+    features.main(cfg, stream="rgb", source=points / "decode", out=fresh, cache_cfg=packs)
+    assert _files(out / "cache") == _files(fresh / "cache")
+    assert len(_files(fresh / "cache")) <= 1 + 2 * 3  # cache.json + 3 packs of 8 videos
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
+    points: Path, tmp_path: Path
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS)
+    out = tmp_path / "ranks"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        *_stage_cmd(params, points / "decode", out),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 1/2" in run.stderr and "rank 0/2" in run.stderr  # both ranks worked
+    single = tmp_path / "single"
+    features.main(
+        R18,
+        stream="rgb",
+        source=points / "decode",
+        out=single,
+        cache_cfg=CacheConfig(videos_per_pack=8),
+    )
+    assert _files(out / "cache") == _files(single / "cache")
+    assert len(_entries(out / "cache")) == 24
