@@ -100,7 +100,9 @@ class FarnebackConfig:
 
 @dataclass(frozen=True)
 class RaftConfig:
-    weights: str | None = None  # local state-dict file; None = the hub-cache file if there, else random
+    weights: str | None = (
+        None  # local state-dict file; None = the hub-cache file if there, else random
+    )
     iterations: int = 12  # refinement iterations (torchvision's default)
     batch_size: int = 8  # frame pairs per forward pass
     device: str = "auto"  # auto (cuda when available) | cpu | cuda

@@ -46,7 +46,9 @@ def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
     """The windows the decode settings sample from a video of ``frames`` frames."""
     if settings.sampling == "dense":
         if settings.flow_pairs != 1:  # L > 1 would store every flow field L times
-            raise ValueError("decode.sampling dense takes every pair once: set decode.flow_pairs: 1")
+            raise ValueError(
+                "decode.sampling dense takes every pair once: set decode.flow_pairs: 1"
+            )
         return dense_plan(frames, pairs=1)
     if settings.sampling != "points":
         raise ValueError(f"decode.sampling: unknown '{settings.sampling}' (points or dense)")
