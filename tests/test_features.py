@@ -5,6 +5,7 @@ write the same cache as one process."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -24,8 +25,10 @@ from pipeline.config import (
     DemoConfig,
     FlowConfig,
     StreamFeaturesConfig,
+    TrainConfig,
 )
-from stages import decode, features, flow, prepare
+from pipeline.extract import params_identity
+from stages import decode, features, flow, prepare, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = DemoConfig(videos_per_class=4, frames=12, size=32)
@@ -253,3 +256,93 @@ def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
     )
     assert _files(out / "cache") == _files(single / "cache")
     assert len(_entries(out / "cache")) == 24
+
+
+# -- the papers' feature choices feed their heads -----------------------------------------------
+
+
+def _train(
+    head: str, params: dict, feats: Path, root: Path, out: Path, cfg: StreamFeaturesConfig
+) -> dict:
+    train.main(
+        head,
+        "rgb",
+        head_params={"epochs": 2, "batch_size": 8, **params},
+        cfg=TrainConfig(oof_folds=0, threads=1),
+        features=[feats],
+        manifest=root / "prepare/manifest.csv",
+        out=out,
+        expected=[params_identity(cfg)],
+    )
+    return json.loads((out / "train_log.json").read_text())
+
+
+def test_mrrn_taps_train_the_three_level_sru_and_a_contradiction_stops(
+    points: Path, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(
+        R18, backbone="resnet34", output="taps", sampling="clips", clip_len=6, clip_stride=4
+    )
+    features.main(cfg, stream="rgb", source=points / "decode", out=tmp_path / "taps")
+    sru = {"hidden": 8, "layers": 1, "levels": [128, 256, 512]}
+    log = _train("sru", sru, tmp_path / "taps", points, tmp_path / "sru", cfg)
+    assert log["splits"]["1"]["train_views"] == 2 * log["splits"]["1"]["train_videos"]
+    scores = (tmp_path / "sru/scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 24  # one row per video, not per clip
+    other = dataclasses.replace(cfg, backbone="resnet18")
+    with pytest.raises(SystemExit, match="params.backbone: 'resnet34' -> 'resnet18'"):
+        _train("sru", sru, tmp_path / "taps", points, tmp_path / "bad", other)
+
+
+def test_res_lstm_on_3d_clips_of_real_videos_of_unequal_length(
+    testdata: Path, tmp_path: Path
+) -> None:
+    """Res-LSTM's K_v = floor(l_v / 8) - 1 clips differ per video; train brings each video to
+    train.steps steps with sigma(t)."""
+    videos = tmp_path / "videos"
+    for cls, name in [
+        ("a", "test.avi"),
+        ("a", "video_0.mov"),
+        ("b", "part_0.mp4"),
+        ("b", "example.avi"),
+    ]:
+        (videos / cls).mkdir(parents=True, exist_ok=True)
+        (videos / cls / name).symlink_to(testdata / "videos" / name)
+    prepare.main(
+        DatasetConfig(name="folder", root=str(videos), test_fraction=0.5, probe_workers=1),
+        tmp_path / "prepare",
+    )
+    decode.main(
+        DecodeConfig(num_frames=4, flow_pairs=1, short_side=32, workers=1),
+        manifest=tmp_path / "prepare/manifest.csv",
+        probe=tmp_path / "prepare/probe.csv",
+        out=tmp_path / "decode",
+    )
+    cfg = dataclasses.replace(
+        R18, backbone="r3d_18", sampling="clips", clip_len=16, clip_stride=8, crops="ten_mean",
+        crop=24, batch_size=8,
+    )  # fmt: skip
+    features.main(cfg, stream="rgb", source=tmp_path / "decode", out=tmp_path / "r3d")
+    with open_cache(tmp_path / "r3d/cache", "r") as c:
+        lengths = {k: c.read(k).shape for k in c.keys()}
+    # 164, 3 (looped to one clip), 32 and 131 frames
+    assert lengths == {
+        "test": (19, 512),
+        "video_0": (1, 512),
+        "part_0": (3, 512),
+        "example": (15, 512),
+    }
+    res = {"hidden": 16, "layers": 2, "steps": None, "projection": "learned"}
+    train.main(
+        "res_lstm",
+        "rgb",
+        head_params={"epochs": 2, "batch_size": 2, **res},
+        cfg=TrainConfig(oof_folds=0, threads=1, steps=5),
+        features=[tmp_path / "r3d"],
+        manifest=tmp_path / "prepare/manifest.csv",
+        out=tmp_path / "train",
+        expected=[params_identity(cfg)],
+    )
+    log = json.loads((tmp_path / "train/train_log.json").read_text())
+    assert log["steps"] == 5
+    assert len((tmp_path / "train/scores.csv").read_text().splitlines()) == 1 + 4
