@@ -346,3 +346,18 @@ def test_res_lstm_on_3d_clips_of_real_videos_of_unequal_length(
     log = json.loads((tmp_path / "train/train_log.json").read_text())
     assert log["steps"] == 5
     assert len((tmp_path / "train/scores.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_stacked_flow_with_taps_and_ten_crops(points: Path, tmp_path: Path) -> None:
+    """Every 2D choice works on the flow stream too: 2L = 4 channel stacks, cross-modality init."""
+    flow.main(
+        FlowConfig(algorithm="farneback", workers=1),
+        plan_path=points / "decode/plan.json",
+        out=tmp_path / "flow",
+    )
+    cfg = dataclasses.replace(R18, backbone="resnet34", output="taps", crop=24, crops="ten_axis")
+    features.main(cfg, stream="flow", source=tmp_path / "flow", out=tmp_path / "f")
+    with open_cache(tmp_path / "f/cache", "r") as c:
+        assert c.attrs["layout"] == "(V, T, D)" and c.attrs["flow"]["algorithm"] == "farneback"
+        x = c.read(c.keys()[0])
+    assert x.shape == (10, 8, 896)

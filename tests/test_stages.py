@@ -287,3 +287,29 @@ def test_a_stage_where_every_video_fails_stops_and_says_where_the_reasons_are(
     ):
         prepare.main(cfg, out)
     assert len(_failures(out / "failures.csv")) == 4  # the reasons were written before stopping
+
+
+def test_flow_under_two_torchrun_ranks_equals_one_process(tiny_demo: Path, tmp_path: Path) -> None:
+    import socket
+
+    plan = tiny_demo / "decode" / "plan.json"
+    params = _params(
+        tmp_path / "params.yaml",
+        "flow:\n  algorithm: farneback\n  workers: 1\ncache:\n  videos_per_pack: 8\n",
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "stages.flow", "--params", str(params), "--plan", str(plan), "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "flow: 24 done" in run.stderr  # rank 0 reports both ranks' videos
+    single = tmp_path / "single"
+    cfg = FlowConfig(algorithm="farneback", workers=1)
+    flow.main(cfg, plan_path=plan, out=single, cache_cfg=CacheConfig(videos_per_pack=8))
+    assert _files(out / "cache") == _files(single / "cache")
