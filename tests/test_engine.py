@@ -113,11 +113,11 @@ def test_predict_returns_probabilities() -> None:
 # -- out_of_fold ------------------------------------------------------------------------------
 
 
-def test_out_of_fold_scores_every_video_once_with_a_model_that_did_not_see_it(
+def _spy_on_fit_and_predict(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    x, y = _data(n_per_class=6)
-    x[:, 0, 0] = np.arange(len(y))  # tag each video so the spies can tell which one they see
+) -> tuple[list[set[int]], list[set[int]]]:
+    """Record, per call of engine.fit and engine.predict, the tags (x[:, 0, 0]) of the rows
+    it was given -> (fitted, scored), filled as out_of_fold runs."""
     fitted: list[set[int]] = []
     scored: list[set[int]] = []
     real_fit, real_predict = engine.fit, engine.predict
@@ -132,6 +132,15 @@ def test_out_of_fold_scores_every_video_once_with_a_model_that_did_not_see_it(
 
     monkeypatch.setattr(engine, "fit", spy_fit)
     monkeypatch.setattr(engine, "predict", spy_predict)
+    return fitted, scored
+
+
+def test_out_of_fold_scores_every_video_once_with_a_model_that_did_not_see_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, y = _data(n_per_class=6)
+    x[:, 0, 0] = np.arange(len(y))  # tag each video so the spies can tell which one they see
+    fitted, scored = _spy_on_fit_and_predict(monkeypatch)
     s = TrainSettings(lr=1e-2, epochs=2, batch_size=4)
     probs = out_of_fold(_mean_pool, x, y, s, folds=3, seed=0, num_classes=C)
     assert len(fitted) == len(scored) == 3
@@ -236,20 +245,7 @@ def test_out_of_fold_with_groups_never_trains_on_a_held_out_videos_views(
     rng = np.random.default_rng(0)
     x = rng.normal(size=(len(y), T, D)).astype(np.float32)
     x[:, 0, 0] = groups  # tag each row with its video
-    fitted: list[set[int]] = []
-    scored: list[set[int]] = []
-    real_fit, real_predict = engine.fit, engine.predict
-
-    def spy_fit(model, xs, ys, s, **kw):  # noqa: ANN001, ANN202
-        fitted.append(set(xs[:, 0, 0].astype(int).tolist()))
-        return real_fit(model, xs, ys, s, **kw)
-
-    def spy_predict(model, xs, **kw):  # noqa: ANN001, ANN202
-        scored.append(set(xs[:, 0, 0].astype(int).tolist()))
-        return real_predict(model, xs, **kw)
-
-    monkeypatch.setattr(engine, "fit", spy_fit)
-    monkeypatch.setattr(engine, "predict", spy_predict)
+    fitted, scored = _spy_on_fit_and_predict(monkeypatch)
     s = TrainSettings(lr=1e-2, epochs=1, batch_size=8)
     probs = out_of_fold(_mean_pool, x, y, s, folds=3, seed=0, num_classes=C, groups=groups)
     assert probs.shape == (len(y), C)  # still one row per view
