@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,32 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torchrun() -> Callable[[int], list[str]]:
+    """The command prefix that starts N local ranks (``python -m torch.distributed.run``) on a
+    free port; append ``-m stages.<stage> ...``."""
+
+    def command(ranks: int) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+        ]  # fmt: skip
+
+    return command
+
+
+@pytest.fixture
+def file_bytes() -> Callable[[Path], dict[str, bytes]]:
+    """Every file under a folder by relative path, with its bytes (to compare caches exactly)."""
+
+    def read(root: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    return read

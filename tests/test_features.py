@@ -8,10 +8,10 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +64,6 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out=root / "flow",
     )
     return root
-
-
-def _files(cache: Path) -> dict[str, bytes]:
-    """Every file of a cache by relative path, with its bytes."""
-    return {
-        str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()
-    }
 
 
 def _entries(cache: Path) -> dict[str, np.ndarray]:
@@ -193,7 +186,9 @@ cache: {backend: zarr, videos_per_pack: 8}
 """
 
 
-def test_killed_mid_run_resumes_to_the_same_bytes(points: Path, tmp_path: Path) -> None:
+def test_killed_mid_run_resumes_to_the_same_bytes(
+    points: Path, tmp_path: Path, file_bytes: Callable[[Path], dict[str, bytes]]
+) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.replace("batch_size: 16", "batch_size: 4"))
     out = tmp_path / "killed"
@@ -222,27 +217,20 @@ def test_killed_mid_run_resumes_to_the_same_bytes(points: Path, tmp_path: Path) 
     assert (again.skipped, again.done, again.failed) == (finished, 24 - finished, 0)
     fresh = tmp_path / "fresh"
     features.main(cfg, stream="rgb", source=points / "decode", out=fresh, cache_cfg=packs)
-    assert _files(out / "cache") == _files(fresh / "cache")
-    assert len(_files(fresh / "cache")) <= 1 + 2 * 3  # cache.json + 3 packs of 8 videos
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert file_bytes(out / "cache") == file_bytes(fresh / "cache")
+    assert len(file_bytes(fresh / "cache")) <= 1 + 2 * 3  # cache.json + 3 packs of 8 videos
 
 
 def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
-    points: Path, tmp_path: Path
+    points: Path,
+    tmp_path: Path,
+    torchrun: Callable[[int], list[str]],
+    file_bytes: Callable[[Path], dict[str, bytes]],
 ) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     out = tmp_path / "ranks"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        *_stage_cmd(params, points / "decode", out),
-    ]  # fmt: skip
+    cmd = [*torchrun(2), *_stage_cmd(params, points / "decode", out)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 1/2" in run.stderr and "rank 0/2" in run.stderr  # both ranks worked
@@ -254,7 +242,7 @@ def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
         out=single,
         cache_cfg=CacheConfig(videos_per_pack=8),
     )
-    assert _files(out / "cache") == _files(single / "cache")
+    assert file_bytes(out / "cache") == file_bytes(single / "cache")
     assert len(_entries(out / "cache")) == 24
 
 

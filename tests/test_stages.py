@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ def _params(path: Path, text: str) -> Path:
     return path
 
 
-def test_flow_killed_mid_run_resumes_without_recomputing(tiny_demo: Path, tmp_path: Path) -> None:
+def test_flow_killed_mid_run_resumes_without_recomputing(
+    tiny_demo: Path, tmp_path: Path, file_bytes: Callable[[Path], dict[str, bytes]]
+) -> None:
     plan = tiny_demo / "decode" / "plan.json"
     params = _params(
         tmp_path / "params.yaml",
@@ -148,12 +151,8 @@ def test_flow_killed_mid_run_resumes_without_recomputing(tiny_demo: Path, tmp_pa
     # The resumed cache equals an uninterrupted run, file for file and byte for byte.
     fresh = tmp_path / "fresh"
     flow.main(cfg, plan_path=plan, out=fresh, cache_cfg=packs)
-    assert _files(cache_dir) == _files(fresh / "cache")
-    assert len(_files(cache_dir)) <= 1 + 2 * 3  # cache.json + 3 packs (zarr.json + shard each)
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert file_bytes(cache_dir) == file_bytes(fresh / "cache")
+    assert len(file_bytes(cache_dir)) <= 1 + 2 * 3  # cache.json + 3 packs (zarr.json + shard each)
 
 
 def test_changed_video_is_recomputed_not_resumed(tmp_path: Path) -> None:
@@ -289,27 +288,24 @@ def test_a_stage_where_every_video_fails_stops_and_says_where_the_reasons_are(
     assert len(_failures(out / "failures.csv")) == 4  # the reasons were written before stopping
 
 
-def test_flow_under_two_torchrun_ranks_equals_one_process(tiny_demo: Path, tmp_path: Path) -> None:
-    import socket
-
+def test_flow_under_two_torchrun_ranks_equals_one_process(
+    tiny_demo: Path,
+    tmp_path: Path,
+    torchrun: Callable[[int], list[str]],
+    file_bytes: Callable[[Path], dict[str, bytes]],
+) -> None:
     plan = tiny_demo / "decode" / "plan.json"
     params = _params(
         tmp_path / "params.yaml",
         "flow:\n  algorithm: farneback\n  workers: 1\ncache:\n  videos_per_pack: 8\n",
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ranks"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "stages.flow", "--params", str(params), "--plan", str(plan), "--out", str(out),
-    ]  # fmt: skip
+    stage = ["-m", "stages.flow", "--params", str(params), "--plan", str(plan), "--out", str(out)]
+    cmd = [*torchrun(2), *stage]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "flow: 24 done" in run.stderr  # rank 0 reports both ranks' videos
     single = tmp_path / "single"
     cfg = FlowConfig(algorithm="farneback", workers=1)
     flow.main(cfg, plan_path=plan, out=single, cache_cfg=CacheConfig(videos_per_pack=8))
-    assert _files(out / "cache") == _files(single / "cache")
+    assert file_bytes(out / "cache") == file_bytes(single / "cache")
