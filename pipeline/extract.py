@@ -21,9 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.backbones import clip_input, flow_clip_input, flow_input, is_3d, rgb_input
+from pipeline.backbones import (
+    Backbone,
+    clip_input,
+    flow_clip_input,
+    flow_input,
+    is_3d,
+    rgb_input,
+)
 from pipeline.cache import FeatureCache, open_cache
 from pipeline.config import StreamFeaturesConfig
+from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
 
 CROPS = ("centre", "ten_mean", "ten_axis")
@@ -48,6 +56,37 @@ def params_identity(cfg: StreamFeaturesConfig) -> dict:
     if cfg.sampling == "clips":
         ident.update(clip_len=cfg.clip_len, clip_stride=cfg.clip_stride, max_clips=cfg.max_clips)
     return ident
+
+
+def cache_attrs(
+    cfg: StreamFeaturesConfig,
+    bb: Backbone,
+    *,
+    stream: str,
+    precision: str,
+    device: str,
+    upstream: dict,
+) -> dict:
+    """The metadata of a features cache: what decides its content (a change starts the cache
+    over), including the upstream sampling / flow settings and the library versions."""
+    return {
+        "kind": "features",
+        "stream": stream,
+        "params": params_identity(cfg),
+        "backbone": cfg.backbone,
+        "weights": bb.weights_id,
+        "layer": bb.layer,
+        "levels": list(bb.levels) if bb.levels else None,
+        "crop": cfg.crop,
+        "crops": cfg.crops,
+        "layout": layout(cfg),
+        "dim": bb.dim,
+        "dtype": "float16",
+        "precision": precision,
+        "device": device,
+        "versions": versions(),
+        **upstream,
+    }
 
 
 def check_settings(cfg: StreamFeaturesConfig) -> None:

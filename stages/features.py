@@ -28,7 +28,6 @@ from pipeline.config import CacheConfig, StreamFeaturesConfig, section
 from pipeline.distributed import close_world, collect, init_world, open_shared_cache
 from pipeline.plan import read_plan
 from pipeline.runner import Counts, Failure, finish, progress
-from pipeline.versions import versions
 
 log = logging.getLogger("features")
 
@@ -85,24 +84,9 @@ def main(
     # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolution kernels
     fmt = memory_format(bb.kind)
     model = bb.model.to(device, memory_format=fmt)
-    attrs = {
-        "kind": "features",
-        "stream": stream,
-        "params": extract.params_identity(cfg),
-        "backbone": cfg.backbone,
-        "weights": bb.weights_id,
-        "layer": bb.layer,
-        "levels": list(bb.levels) if bb.levels else None,
-        "crop": cfg.crop,
-        "crops": cfg.crops,
-        "layout": extract.layout(cfg),
-        "dim": bb.dim,
-        "dtype": "float16",
-        "precision": precision,
-        "device": device.type,
-        "versions": versions(),
-        **upstream,
-    }
+    attrs = extract.cache_attrs(
+        cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream
+    )
     cache = open_shared_cache(
         world,
         out / "cache",
