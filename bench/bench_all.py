@@ -8,7 +8,7 @@
 
     python bench/bench_all.py
 
-Takes about 10 minutes on 2 cores. Prints measured numbers; it asserts nothing.
+Takes about 15 minutes on 2 cores. Prints measured numbers; it asserts nothing.
 """
 
 from __future__ import annotations
