@@ -6,6 +6,9 @@
 (c) and (d) bench_cache.py: Zarr and HDF5 write / random-read MB/s, files and bytes per cache
     (the demo's under data/, extrapolated to UCF101).
 
+Each runs in its own Python process: the flow pool's spawned workers re-import the main module,
+and one that had imported torch (as bench_features does) would time torch imports as flow.
+
     python bench/bench_all.py
 
 Takes about 15 minutes on 2 cores. Prints measured numbers; it asserts nothing.
@@ -13,27 +16,25 @@ Takes about 15 minutes on 2 cores. Prints measured numbers; it asserts nothing.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_cache  # noqa: E402
-import bench_features  # noqa: E402
-import bench_stages  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 def main() -> None:
-    for title, module in (
-        ("(a) features stage vs bare backbone", bench_features),
-        ("(b) stages: decode, flow scaling, fast TV-L1, RAFT, backbones", bench_stages),
-        ("(c, d) caches: speed, files and size", bench_cache),
+    for title, script in (
+        ("(a) features stage vs bare backbone", "bench_features.py"),
+        ("(b) stages: decode, flow scaling, fast TV-L1, RAFT, backbones", "bench_stages.py"),
+        ("(c, d) caches: speed, files and size", "bench_cache.py"),
     ):
         print(f"\n=== {title} ===", flush=True)
         t = time.perf_counter()
-        sys.argv = [module.__file__]
-        module.main()
+        # progress bars go to stderr; the measured numbers to stdout
+        subprocess.run([sys.executable, str(HERE / script)], cwd=ROOT, check=True)
         print(f"({time.perf_counter() - t:.0f} s)", flush=True)
 
 
