@@ -11,7 +11,7 @@ and one that had imported torch (as bench_features does) would time torch import
 
     python bench/bench_all.py
 
-Takes about 15 minutes on 2 cores. Prints measured numbers; it asserts nothing.
+Takes about 10 minutes on 2 cores. Prints measured numbers; it asserts nothing.
 """
 
 from __future__ import annotations
