@@ -70,3 +70,26 @@ def file_bytes() -> Callable[[Path], dict[str, bytes]]:
         }
 
     return read
+
+
+def prepare_tiny_demo(root: Path, decode_cfg: object | None = None) -> Path:
+    """prepare + decode of a 24-video demo (12 frames at 32 px) under ``root``; by default 8
+    points with 2 flow pairs. Returns ``root`` (with prepare/ and decode/)."""
+    from pipeline.config import DatasetConfig, DecodeConfig, DemoConfig
+    from stages import decode, prepare
+
+    demo = DemoConfig(videos_per_class=4, frames=12, size=32)
+    prepare.main(DatasetConfig(name="demo", demo=demo, probe_workers=1), root / "prepare")
+    decode.main(
+        decode_cfg or DecodeConfig(num_frames=8, flow_pairs=2, short_side=32, workers=1),
+        manifest=root / "prepare/manifest.csv",
+        probe=root / "prepare/probe.csv",
+        out=root / "decode",
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-video demo at 32 px, prepared and decoded to 8 points with 2 flow pairs."""
+    return prepare_tiny_demo(tmp_path_factory.mktemp("tiny"))

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import prepare_tiny_demo
 
 from pipeline.cache import open_cache
 from pipeline.config import (
     CacheConfig,
     DatasetConfig,
     DecodeConfig,
-    DemoConfig,
     FlowConfig,
     StreamFeaturesConfig,
     TrainConfig,
@@ -31,33 +31,14 @@ from pipeline.extract import params_identity
 from stages import decode, features, flow, prepare, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = DemoConfig(videos_per_class=4, frames=12, size=32)
 R18 = StreamFeaturesConfig(backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1)
-
-
-def _prepare(root: Path, decode_cfg: DecodeConfig) -> Path:
-    prepare.main(DatasetConfig(name="demo", demo=DEMO, probe_workers=1), root / "prepare")
-    decode.main(
-        decode_cfg,
-        manifest=root / "prepare/manifest.csv",
-        probe=root / "prepare/probe.csv",
-        out=root / "decode",
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
-def points(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 demo videos of 12 frames at 32 px, decoded to 8 points with 2 flow pairs."""
-    cfg = DecodeConfig(num_frames=8, flow_pairs=2, short_side=32, workers=1)
-    return _prepare(tmp_path_factory.mktemp("points"), cfg)
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same videos with dense sampling and Farneback flow of every consecutive pair."""
     cfg = DecodeConfig(short_side=32, flow_pairs=1, sampling="dense", workers=1)
-    root = _prepare(tmp_path_factory.mktemp("dense"), cfg)
+    root = prepare_tiny_demo(tmp_path_factory.mktemp("dense"), cfg)
     flow.main(
         FlowConfig(algorithm="farneback", workers=1),
         plan_path=root / "decode/plan.json",
@@ -71,8 +52,8 @@ def _entries(cache: Path) -> dict[str, np.ndarray]:
         return {k: c.read(k) for k in c.keys()}
 
 
-def test_pooled_rgb_entries_and_metadata(points: Path, tmp_path: Path) -> None:
-    counts = features.main(R18, stream="rgb", source=points / "decode", out=tmp_path / "rgb")
+def test_pooled_rgb_entries_and_metadata(tiny_demo: Path, tmp_path: Path) -> None:
+    counts = features.main(R18, stream="rgb", source=tiny_demo / "decode", out=tmp_path / "rgb")
     assert (counts.done, counts.skipped, counts.failed) == (24, 0, 0)
     with open_cache(tmp_path / "rgb/cache", "r") as c:
         a = c.attrs
@@ -84,7 +65,7 @@ def test_pooled_rgb_entries_and_metadata(points: Path, tmp_path: Path) -> None:
     assert a["sampling"]["num_frames"] == 8
 
 
-def test_mrrn_multi_level_taps_on_looped_clips(points: Path, tmp_path: Path) -> None:
+def test_mrrn_multi_level_taps_on_looped_clips(tiny_demo: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(
         R18,
         backbone="resnet34",
@@ -94,7 +75,7 @@ def test_mrrn_multi_level_taps_on_looped_clips(points: Path, tmp_path: Path) -> 
         clip_stride=4,
         max_clips=2,
     )
-    features.main(cfg, stream="rgb", source=points / "decode", out=tmp_path / "taps")
+    features.main(cfg, stream="rgb", source=tiny_demo / "decode", out=tmp_path / "taps")
     with open_cache(tmp_path / "taps/cache", "r") as c:
         assert c.attrs["layout"] == "(V, T, D)" and c.attrs["levels"] == [128, 256, 512]
         assert c.attrs["dim"] == 896
@@ -103,8 +84,8 @@ def test_mrrn_multi_level_taps_on_looped_clips(points: Path, tmp_path: Path) -> 
     assert x.shape == (2, 6, 896)
 
 
-def test_conv_maps_for_tsrnn(points: Path, tmp_path: Path) -> None:
-    dec = points / "decode"
+def test_conv_maps_for_tsrnn(tiny_demo: Path, tmp_path: Path) -> None:
+    dec = tiny_demo / "decode"
     features.main(
         dataclasses.replace(R18, output="maps"), stream="rgb", source=dec, out=tmp_path / "maps"
     )
@@ -119,8 +100,8 @@ def test_conv_maps_for_tsrnn(points: Path, tmp_path: Path) -> None:
     )
 
 
-def test_ten_crop_mean_is_the_mean_of_the_kept_crops(points: Path, tmp_path: Path) -> None:
-    dec = points / "decode"
+def test_ten_crop_mean_is_the_mean_of_the_kept_crops(tiny_demo: Path, tmp_path: Path) -> None:
+    dec = tiny_demo / "decode"
     axis = dataclasses.replace(R18, crop=24, crops="ten_axis")
     mean = dataclasses.replace(R18, crop=24, crops="ten_mean")
     features.main(axis, stream="rgb", source=dec, out=tmp_path / "axis")
@@ -149,10 +130,10 @@ def test_3d_clips_rgb_and_flow(dense: Path, tmp_path: Path) -> None:
     assert rgb.shape == (2, 512) and fl.shape == (1, 512)
 
 
-def test_3d_flow_refuses_stacked_flow(points: Path, tmp_path: Path) -> None:
+def test_3d_flow_refuses_stacked_flow(tiny_demo: Path, tmp_path: Path) -> None:
     flow.main(
         FlowConfig(algorithm="farneback", workers=1),
-        plan_path=points / "decode/plan.json",
+        plan_path=tiny_demo / "decode/plan.json",
         out=tmp_path / "flow",
     )
     cfg = dataclasses.replace(R18, backbone="r3d_18", sampling="clips", clip_len=4, clip_stride=2)
@@ -162,8 +143,8 @@ def test_3d_flow_refuses_stacked_flow(points: Path, tmp_path: Path) -> None:
     assert "decode.sampling: dense" in fails
 
 
-def test_hdf5_backend_holds_the_same_features(points: Path, tmp_path: Path) -> None:
-    dec = points / "decode"
+def test_hdf5_backend_holds_the_same_features(tiny_demo: Path, tmp_path: Path) -> None:
+    dec = tiny_demo / "decode"
     features.main(R18, stream="rgb", source=dec, out=tmp_path / "z")
     features.main(
         R18, stream="rgb", source=dec, out=tmp_path / "h", cache_cfg=CacheConfig(backend="hdf5")
@@ -187,13 +168,13 @@ cache: {backend: zarr, videos_per_pack: 8}
 
 
 def test_killed_mid_run_resumes_to_the_same_bytes(
-    points: Path, tmp_path: Path, file_bytes: Callable[[Path], dict[str, bytes]]
+    tiny_demo: Path, tmp_path: Path, file_bytes: Callable[[Path], dict[str, bytes]]
 ) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.replace("batch_size: 16", "batch_size: 4"))
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, *_stage_cmd(params, points / "decode", out)],
+        [sys.executable, *_stage_cmd(params, tiny_demo / "decode", out)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -213,16 +194,16 @@ def test_killed_mid_run_resumes_to_the_same_bytes(
     assert 3 <= finished < 24
     cfg = dataclasses.replace(R18, batch_size=4)
     packs = CacheConfig(videos_per_pack=8)
-    again = features.main(cfg, stream="rgb", source=points / "decode", out=out, cache_cfg=packs)
+    again = features.main(cfg, stream="rgb", source=tiny_demo / "decode", out=out, cache_cfg=packs)
     assert (again.skipped, again.done, again.failed) == (finished, 24 - finished, 0)
     fresh = tmp_path / "fresh"
-    features.main(cfg, stream="rgb", source=points / "decode", out=fresh, cache_cfg=packs)
+    features.main(cfg, stream="rgb", source=tiny_demo / "decode", out=fresh, cache_cfg=packs)
     assert file_bytes(out / "cache") == file_bytes(fresh / "cache")
     assert len(file_bytes(fresh / "cache")) <= 1 + 2 * 3  # cache.json + 3 packs of 8 videos
 
 
 def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
-    points: Path,
+    tiny_demo: Path,
     tmp_path: Path,
     torchrun: Callable[[int], list[str]],
     file_bytes: Callable[[Path], dict[str, bytes]],
@@ -230,7 +211,7 @@ def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     out = tmp_path / "ranks"
-    cmd = [*torchrun(2), *_stage_cmd(params, points / "decode", out)]
+    cmd = [*torchrun(2), *_stage_cmd(params, tiny_demo / "decode", out)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 1/2" in run.stderr and "rank 0/2" in run.stderr  # both ranks worked
@@ -238,7 +219,7 @@ def test_two_torchrun_ranks_write_the_same_cache_as_one_process(
     features.main(
         R18,
         stream="rgb",
-        source=points / "decode",
+        source=tiny_demo / "decode",
         out=single,
         cache_cfg=CacheConfig(videos_per_pack=8),
     )
@@ -266,20 +247,20 @@ def _train(
 
 
 def test_mrrn_taps_train_the_three_level_sru_and_a_contradiction_stops(
-    points: Path, tmp_path: Path
+    tiny_demo: Path, tmp_path: Path
 ) -> None:
     cfg = dataclasses.replace(
         R18, backbone="resnet34", output="taps", sampling="clips", clip_len=6, clip_stride=4
     )
-    features.main(cfg, stream="rgb", source=points / "decode", out=tmp_path / "taps")
+    features.main(cfg, stream="rgb", source=tiny_demo / "decode", out=tmp_path / "taps")
     sru = {"hidden": 8, "layers": 1, "levels": [128, 256, 512]}
-    log = _train("sru", sru, tmp_path / "taps", points, tmp_path / "sru", cfg)
+    log = _train("sru", sru, tmp_path / "taps", tiny_demo, tmp_path / "sru", cfg)
     assert log["splits"]["1"]["train_views"] == 2 * log["splits"]["1"]["train_videos"]
     scores = (tmp_path / "sru/scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 24  # one row per video, not per clip
     other = dataclasses.replace(cfg, backbone="resnet18")
     with pytest.raises(SystemExit, match="params.backbone: 'resnet34' -> 'resnet18'"):
-        _train("sru", sru, tmp_path / "taps", points, tmp_path / "bad", other)
+        _train("sru", sru, tmp_path / "taps", tiny_demo, tmp_path / "bad", other)
 
 
 def test_res_lstm_on_3d_clips_of_real_videos_of_unequal_length(
@@ -336,11 +317,11 @@ def test_res_lstm_on_3d_clips_of_real_videos_of_unequal_length(
     assert len((tmp_path / "train/scores.csv").read_text().splitlines()) == 1 + 4
 
 
-def test_stacked_flow_with_taps_and_ten_crops(points: Path, tmp_path: Path) -> None:
+def test_stacked_flow_with_taps_and_ten_crops(tiny_demo: Path, tmp_path: Path) -> None:
     """Every 2D choice works on the flow stream too: 2L = 4 channel stacks, cross-modality init."""
     flow.main(
         FlowConfig(algorithm="farneback", workers=1),
-        plan_path=points / "decode/plan.json",
+        plan_path=tiny_demo / "decode/plan.json",
         out=tmp_path / "flow",
     )
     cfg = dataclasses.replace(R18, backbone="resnet34", output="taps", crop=24, crops="ten_axis")

@@ -33,7 +33,6 @@ from stages import decode, features, flow, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DEMO = DemoConfig(videos_per_class=4, frames=12, size=32)
-TINY_DECODE = DecodeConfig(num_frames=8, flow_pairs=2, short_side=32, workers=1)
 
 
 def _failures(path: Path) -> dict[str, str]:
@@ -85,20 +84,6 @@ def test_bad_inputs_are_recorded_and_the_rest_goes_on(bad_folder: Path, tmp_path
     # the 3-frame clip is looped to 25 points, as MRRN loops short videos
     assert plan.videos["video_0"].looped and plan.videos["video_0"].points[:6] == [0, 1, 2, 0, 1, 2]
     assert not plan.videos["test"].looped
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare + decode of a 24-video demo at 32 px; returns the folder holding both."""
-    root = tmp_path_factory.mktemp("tiny")
-    prepare.main(DatasetConfig(name="demo", demo=TINY_DEMO, probe_workers=1), root / "prepare")
-    decode.main(
-        TINY_DECODE,
-        manifest=root / "prepare/manifest.csv",
-        probe=root / "prepare/probe.csv",
-        out=root / "decode",
-    )
-    return root
 
 
 def _params(path: Path, text: str) -> Path:
