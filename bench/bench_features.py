@@ -31,17 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import extract
 from pipeline.backbones import (
     build_backbone,
-    clip_input,
     memory_format,
     resolve_precision,
-    rgb_input,
 )
 from pipeline.cache import open_cache
 from pipeline.config import DatasetConfig, DecodeConfig, StreamFeaturesConfig
 from pipeline.plan import read_plan
-from pipeline.video import clip_windows, read_frames
 from stages import decode, features, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,21 +67,20 @@ def _dataset(root: Path, copies: int, short_side: int) -> Path:
 
 
 def _inputs(cfg: StreamFeaturesConfig, dec: Path, mean: tuple, std: tuple) -> list[torch.Tensor]:
-    """The network inputs the stage computes, decoded up front (what the bare figure runs on)."""
+    """The network inputs the stage computes (its own decoding Dataset), decoded up front: what
+    the bare figure runs on."""
     plan = read_plan(dec / "plan.json")
-    out = []
-    for v in plan.videos.values():
-        kw = {"crop": cfg.crop, "mean": mean, "std": std}
-        if cfg.sampling == "points":
-            frames = read_frames(
-                Path(v.path), np.asarray(v.points), short_side=plan.settings.short_side
-            )
-            out.append(rgb_input(frames, **kw))
-        else:
-            w = clip_windows(v.frames, length=cfg.clip_len, stride=cfg.clip_stride)
-            frames = read_frames(Path(v.path), np.unique(w), short_side=plan.settings.short_side)
-            out.append(clip_input(frames[np.searchsorted(np.unique(w), w)], **kw))
-    return out
+    items = [extract.Item(k, v.path, tuple(v.points), v.frames) for k, v in plan.videos.items()]
+    data = extract.VideoInputs(
+        cfg,
+        stream="rgb",
+        items=items,
+        short_side=plan.settings.short_side,
+        flow_cache=None,
+        mean=mean,
+        std=std,
+    )
+    return [x for _, x, _, _ in (data[i] for i in range(len(data)))]
 
 
 def bare(cfg: StreamFeaturesConfig, xs: list[torch.Tensor], precision: str, fast: bool) -> float:

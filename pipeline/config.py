@@ -126,6 +126,9 @@ class CacheConfig:
     videos_per_pack: int = 64  # videos stored together in one pack file (DVC: few files)
 
 
+DEFAULT_CACHE = CacheConfig()  # frozen, so the flow and features stages share one default
+
+
 @dataclass(frozen=True)
 class StreamFeaturesConfig:
     backbone: str = "resnet50"

@@ -179,9 +179,9 @@ class VideoInputs(torch.utils.data.Dataset):
                 )
                 return rgb_input(frames, **kw), len(frames)
             w = self._windows(item.frames)
-            needed, where = np.unique(w, return_inverse=True)
-            frames = read_frames(Path(item.path), needed, short_side=self.short_side)
-            clips = frames[where.reshape(w.shape)]  # (K, s, H, W, 3)
+            # read_frames decodes each distinct frame once, however often the clips repeat it
+            frames = read_frames(Path(item.path), w.reshape(-1), short_side=self.short_side)
+            clips = frames.reshape(*w.shape, *frames.shape[1:])  # (K, s, H, W, 3)
             if three_d:
                 return clip_input(clips, **kw), len(clips)
             return rgb_input(clips.reshape(-1, *clips.shape[2:]), **kw), w.size

@@ -24,7 +24,7 @@ from pipeline.backbones import (
     resolve_precision,
 )
 from pipeline.cache import open_cache
-from pipeline.config import CacheConfig, StreamFeaturesConfig, section
+from pipeline.config import DEFAULT_CACHE, CacheConfig, StreamFeaturesConfig, section
 from pipeline.distributed import close_world, collect, init_world, open_shared_cache
 from pipeline.plan import read_plan
 from pipeline.runner import Counts, Failure, finish, progress
@@ -32,7 +32,6 @@ from pipeline.runner import Counts, Failure, finish, progress
 log = logging.getLogger("features")
 
 
-DEFAULT_CACHE = CacheConfig()  # frozen, so one shared default is safe
 _START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import CacheConfig, DecodeConfig, FlowConfig, section
+from pipeline.config import DEFAULT_CACHE, CacheConfig, DecodeConfig, FlowConfig, section
 from pipeline.flow import RAFT_ALGORITHMS, flow_settings, raft_model, video_flow
 from pipeline.plan import Plan, read_plan
 from pipeline.plan import sampling as sampling_of
 from pipeline.runner import Counts, Failure, finish, map_videos
 from pipeline.versions import versions
-
-DEFAULT_CACHE = CacheConfig()  # frozen, so one shared default is safe
 
 
 def _one_thread() -> None:
