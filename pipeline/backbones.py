@@ -1,4 +1,5 @@
-"""2D and 3D CNN feature extractors with offline weights, and their input preparation.
+"""2D and 3D CNN feature extractors with offline weights (inputs: pipeline/inputs.py; running
+them fast: pipeline/inference.py).
 
 Weights are resolved without any network access:
 - ``imagenet``: a torchvision backbone's DEFAULT weights enum (ImageNet for the 2D ResNets,
@@ -21,15 +22,10 @@ What is read from a network (``output``):
   concatenated, (B, sum(levels)).
 - ``maps``: the last conv block's maps, (B, C, h, w), for convolutional recurrent heads (TSRNN
   sec. III-A: "the output of the last convolutional layer", kept as tensors by its Conv-GRU).
-
-Crops (``crops``): ``centre`` (one view), or Res-LSTM's 10 crops, ``ten_mean`` / ``ten_axis``
-(sec. 3.3: four corners and the centre, and their mirrors; ten_mean is eq. (5), the mean of the
-10 views' features, taken downstream; ten_axis keeps the view axis).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +45,6 @@ BACKBONES_3D = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
 BACKBONES = (*BACKBONES_2D, *BACKBONES_3D)
 OUTPUTS = ("pooled", "taps", "maps")
 RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
-CROP_SCHEMES = ("centre", "ten_mean", "ten_axis")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's video models were trained on Kinetics-400 with these statistics; used when the
@@ -99,16 +94,6 @@ def is_3d(name: str) -> bool:
     """Whether backbone ``name`` is a 3D clip model (input (B, C, T, H, W))."""
     _check_name(name)
     return name in BACKBONES_3D
-
-
-def memory_format(kind: str) -> torch.memory_format:
-    """The channels-last memory format for a backbone ``kind``: 4-D tensors take
-    ``channels_last``, 5-D ones ``channels_last_3d`` (``channels_last`` on a 5-D tensor raises)."""
-    if kind == "2d":
-        return torch.channels_last
-    if kind == "3d":
-        return torch.channels_last_3d
-    raise ValueError(f"backbone kind must be '2d' or '3d', got '{kind}'")
 
 
 class _EfficientNetFeatures(nn.Module):
@@ -389,144 +374,3 @@ def _block_channels(layer: nn.Sequential) -> int:
     (bn2 in a BasicBlock, bn3 in a Bottleneck)."""
     last = layer[-1]
     return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
-
-
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX,
-    CUDA GPUs that support it), fp16 on other GPUs, else fp32. fp16 on CPU is refused: oneDNN
-    has no fast fp16 path there and it would only lose precision."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
-    if device.type == "cuda":
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return precision
-    if precision == "fp16":
-        raise ValueError("precision fp16 is for GPUs; on CPU use bf16 (or fp32)")
-    if precision == "auto":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return precision
-
-
-def inference_context(device: torch.device, precision: str):  # noqa: ANN201 - a context manager
-    """Autocast for bf16/fp16 inference on ``device``; a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# -- input preparation -------------------------------------------------------------------------
-
-
-def centre_crop(x: np.ndarray, crop: int) -> np.ndarray:
-    """(..., H, W) -> (..., crop, crop) taken from the centre; H and W must be >= crop."""
-    h, w = x.shape[-2:]
-    if h < crop or w < crop:
-        raise ValueError(f"frame {h}x{w} is smaller than the crop {crop}")
-    top, left = (h - crop) // 2, (w - crop) // 2
-    return x[..., top : top + crop, left : left + crop]
-
-
-def n_views(scheme: str) -> int:
-    """Number of crops V a crop ``scheme`` gives: 1 for centre, 10 for the ten-crop schemes."""
-    if scheme not in CROP_SCHEMES:
-        raise ValueError(f"unknown crop scheme '{scheme}' (choose from {', '.join(CROP_SCHEMES)})")
-    return 1 if scheme == "centre" else 10
-
-
-def crop_views(x: np.ndarray, crop: int, scheme: str) -> np.ndarray:
-    """(..., H, W) -> (V, ..., crop, crop), the views of crop ``scheme``.
-
-    centre: V = 1, the centre crop. ten_mean / ten_axis: V = 10, Res-LSTM's ten crops (sec. 3.3,
-    "10 crops from four corners and the center of each frame, along with their mirrors"), in the
-    order top-left, top-right, bottom-left, bottom-right, centre, then those five flipped
-    horizontally (views 5..9 are views 0..4 mirrored, W reversed).
-    """
-    v = n_views(scheme)
-    h, w = x.shape[-2:]
-    if h < crop or w < crop:
-        raise ValueError(f"frame {h}x{w} is smaller than the crop {crop}")
-    if v == 1:
-        return centre_crop(x, crop)[None]
-    top, left = (h - crop) // 2, (w - crop) // 2
-    corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), (top, left)]
-    five = [x[..., r : r + crop, c : c + crop] for r, c in corners]
-    return np.stack(five + [f[..., ::-1] for f in five])
-
-
-def _mirror_flow_u(views: np.ndarray) -> np.ndarray:
-    """views (V, N, C, ...) uint8 flow, x/y interleaved along C (x at even indices): in the
-    mirrored views (5..9 of a ten-crop) a horizontal flip also flips the direction of horizontal
-    motion, so u becomes -u, v is kept. pipeline.flow.quantise maps [-b, b] linearly onto
-    [0, 255] (q = (u + b) * 255 / 2b, rounded), so the quantised -u is 255 - q: the reflection
-    about the quantised zero 127.5. It is exact except at rounding ties; zero flow, stored as
-    round(127.5) = 128, mirrors to 127, one level (2b/255) off."""
-    if len(views) == 1:
-        return views
-    if views.dtype != np.uint8:
-        raise ValueError(
-            f"mirroring flow needs uint8 quantised flow (255 - q negates it), got {views.dtype}"
-        )
-    views[5:, :, 0::2] = 255 - views[5:, :, 0::2]
-    return views
-
-
-def rgb_input(
-    frames: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
-) -> Tensor:
-    """(T, H, W, 3) uint8 -> (V*T, 3, crop, crop) float32, normalised, view-major (rows
-    v*T .. v*T+T-1 are view v); V = n_views(crops)."""
-    views = crop_views(frames.transpose(0, 3, 1, 2), crop, crops)
-    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
-
-
-def flow_input(
-    stacks: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
-) -> Tensor:
-    """(T, L, 2, H, W) uint8 flow stacks -> (V*T, 2L, crop, crop) float32, normalised,
-    view-major, channels x0, y0, x1, y1, ...; mirrored views have u negated (see _mirror_flow_u)."""
-    t, ell, two, h, w = stacks.shape
-    views = _mirror_flow_u(crop_views(stacks.reshape(t, ell * two, h, w), crop, crops))
-    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
-
-
-def clip_input(
-    frames: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
-) -> Tensor:
-    """Clips (K, s, H, W, 3) uint8 -> (V*K, 3, s, crop, crop) float32, normalised, view-major:
-    channels before time, as torchvision's video models take them."""
-    views = crop_views(frames.transpose(0, 4, 1, 2, 3), crop, crops)
-    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
-
-
-def flow_clip_input(
-    flow: np.ndarray, *, crop: int, mean: tuple, std: tuple, crops: str = "centre"
-) -> Tensor:
-    """Flow clips (K, s, 2, H, W) uint8 (s flow fields per clip, x then y) -> (V*K, 2, s, crop,
-    crop) float32, normalised, view-major; mirrored views have u negated (see _mirror_flow_u)."""
-    views = _mirror_flow_u(crop_views(flow.transpose(0, 2, 1, 3, 4), crop, crops))
-    return _normalise(views.reshape(-1, *views.shape[2:]), mean, std)
-
-
-def _normalise(x: np.ndarray, mean: tuple, std: tuple) -> Tensor:
-    """(N, C, ...) uint8 -> float32 (x / 255 - mean_c) / std_c."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
-    shape = (1, -1) + (1,) * (t.dim() - 2)
-    m = torch.tensor(mean).view(shape)
-    s = torch.tensor(std).view(shape)
-    return (t - m) / s

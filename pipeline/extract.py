@@ -21,16 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.backbones import (
-    Backbone,
-    clip_input,
-    flow_clip_input,
-    flow_input,
-    is_3d,
-    rgb_input,
-)
+from pipeline.backbones import Backbone, is_3d
 from pipeline.cache import FeatureCache, open_cache
 from pipeline.config import StreamFeaturesConfig
+from pipeline.inputs import clip_input, flow_clip_input, flow_input, rgb_input
 from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
 

@@ -141,7 +141,7 @@ def raft_weights(cfg: FlowConfig) -> tuple[Path | None, str]:
 def raft_model(cfg: FlowConfig) -> nn.Module:
     """The eval-mode RAFT of ``cfg`` on its device (flow.raft.device; auto -> cuda when there is
     one), built on the first call and shared by later calls with the same weights."""
-    from pipeline.backbones import resolve_device
+    from pipeline.inference import resolve_device
 
     if cfg.algorithm not in RAFT_ALGORITHMS:
         raise ValueError(f"flow.algorithm '{cfg.algorithm}' is not RAFT ({RAFT_ALGORITHMS})")

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 
 from pipeline import extract
-from pipeline.backbones import (
-    build_backbone,
+from pipeline.backbones import build_backbone, is_3d
+from pipeline.cache import open_cache
+from pipeline.config import DEFAULT_CACHE, CacheConfig, StreamFeaturesConfig, section
+from pipeline.distributed import close_world, collect, init_world, open_shared_cache
+from pipeline.inference import (
     inference_context,
-    is_3d,
+    inference_model,
     memory_format,
     resolve_device,
     resolve_precision,
 )
-from pipeline.cache import open_cache
-from pipeline.config import DEFAULT_CACHE, CacheConfig, StreamFeaturesConfig, section
-from pipeline.distributed import close_world, collect, init_world, open_shared_cache
 from pipeline.plan import read_plan
 from pipeline.runner import Counts, Failure, finish, progress
 
@@ -80,9 +80,10 @@ def main(
         taps=cfg.taps,
     )
     precision = resolve_precision(cfg.precision, device)
-    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolution kernels
+    # batch norms folded into the convolutions, and channels_last, which lets oneDNN (CPU) and
+    # cuDNN (GPU) pick their fast NHWC convolution kernels
     fmt = memory_format(bb.kind)
-    model = bb.model.to(device, memory_format=fmt)
+    model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
     attrs = extract.cache_attrs(
         cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream
     )

@@ -50,8 +50,8 @@ def main(
     # torch only here: the TV-L1 pool's spawned workers import this module and must stay light
     import torch
 
-    from pipeline.backbones import resolve_device
     from pipeline.distributed import close_world, collect, init_world, open_shared_cache
+    from pipeline.inference import resolve_device
 
     plan = read_plan(plan_path)
     raft = cfg.algorithm in RAFT_ALGORITHMS

@@ -3,7 +3,6 @@ models, crops and input preparation."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -22,17 +21,10 @@ from pipeline.backbones import (
     KINETICS_STD,
     WeightsError,
     build_backbone,
-    centre_crop,
-    clip_input,
-    crop_views,
-    flow_clip_input,
-    flow_input,
-    inference_context,
     is_3d,
-    memory_format,
-    n_views,
-    resolve_device,
-    resolve_precision,
+)
+from pipeline.inputs import (
+    flow_input,
     rgb_input,
 )
 from pipeline.video import read_frames
@@ -184,38 +176,7 @@ def test_efficientnet_lite0_imagenet_weights_are_real(videos: Path) -> None:
     assert logits.argmax().item() == IMAGENET_BOW
 
 
-# -- input preparation ------------------------------------------------------------------------
-
-
-def test_centre_crop_takes_the_centre() -> None:
-    x = np.arange(6 * 10).reshape(6, 10)
-    c = centre_crop(x, 4)
-    assert c.shape == (4, 4)
-    assert c[0, 0] == x[1, 3]  # top = (6 - 4) // 2, left = (10 - 4) // 2
-    with pytest.raises(ValueError, match="smaller than the crop"):
-        centre_crop(x, 7)
-
-
-def test_rgb_input_shape_crop_and_normalisation() -> None:
-    frames = np.zeros((3, 40, 60, 3), dtype=np.uint8)
-    frames[:, 4:36, 14:46] = (255, 0, 0)  # the centre 32x32 is pure red
-    x = rgb_input(frames, crop=32, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
-    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
-    torch.testing.assert_close(x[:, 0], torch.ones(3, 32, 32))  # (1 - 0.5) / 0.5
-    torch.testing.assert_close(x[:, 1], -torch.ones(3, 32, 32))  # (0 - 0.25) / 0.25
-    torch.testing.assert_close(x[:, 2], torch.zeros(3, 32, 32))
-
-
-def test_flow_input_shape_and_channel_order() -> None:
-    t, ell, h, w = 2, 5, 40, 50
-    stacks = np.zeros((t, ell, 2, h, w), dtype=np.uint8)
-    for j in range(ell):
-        stacks[:, j, 0] = 10 * j  # x of pair j
-        stacks[:, j, 1] = 10 * j + 5  # y of pair j
-    x = flow_input(stacks, crop=32, mean=(0.0,) * 10, std=(1.0,) * 10)
-    assert x.shape == (t, 2 * ell, 32, 32)
-    # Channels are x0, y0, x1, y1, ...
-    np.testing.assert_allclose(x[0, :, 0, 0].numpy() * 255, [0, 5, 10, 15, 20, 25, 30, 35, 40, 45])
+# -- flow input and the local torchvision weights file ---------------------------------------
 
 
 def test_flow_input_of_zero_flow_is_about_zero(resnet18_file: Path) -> None:
@@ -243,38 +204,6 @@ def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
     )
     expected = torch.load(resnet18_file, weights_only=True)["conv1.weight"]
     torch.testing.assert_close(bb.model.conv1.weight, expected)
-
-
-def test_precision_resolution() -> None:
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("bf16", cpu) == "bf16"
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    with pytest.raises(ValueError, match="fp16 is for GPUs"):
-        resolve_precision("fp16", cpu)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        resolve_precision("int8", cpu)
-    assert resolve_device("cpu") == cpu
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            resolve_device("cuda")
-
-
-def test_bf16_features_match_fp32_on_real_frames(videos: Path) -> None:
-    """bf16 autocast + channels_last changes the numbers only slightly (cosine >= 0.99)."""
-    bb = build_backbone("efficientnet_lite0", weights="imagenet")
-    frames = read_frames(videos / "example.avi", np.array([5, 40, 80]), short_side=128)
-    x = rgb_input(frames, crop=112, mean=bb.mean, std=bb.std)
-    cpu = torch.device("cpu")
-    with torch.inference_mode():
-        ref = bb.model(x)
-        model = bb.model.to(memory_format=torch.channels_last)
-        with inference_context(cpu, "bf16"):
-            low = model(x.contiguous(memory_format=torch.channels_last)).float()
-    cos = torch.nn.functional.cosine_similarity(ref, low, dim=1)
-    assert (cos >= 0.99).all(), cos
-    assert not torch.equal(ref, low)  # bf16 really ran
 
 
 # -- 3D clip backbones ------------------------------------------------------------------------
@@ -495,143 +424,3 @@ def test_taps_are_refused_where_there_are_no_resnet_blocks() -> None:
         build_backbone("resnet18", weights="none", output="taps", taps=("layer2", "layer2"))
     with pytest.raises(ValueError, match="output must be one of pooled, taps, maps"):
         build_backbone("resnet18", weights="none", output="conv5")
-
-
-# -- crops ------------------------------------------------------------------------------------
-
-
-def test_crop_views_ten_crop_geometry() -> None:
-    x = np.arange(6 * 8).reshape(6, 8)
-    v = crop_views(x, 4, "ten_mean")
-    assert v.shape == (10, 4, 4)
-    # top-left, top-right, bottom-left, bottom-right, centre (top 1, left 2)
-    for i, (r, c) in enumerate([(0, 0), (0, 4), (2, 0), (2, 4), (1, 2)]):
-        np.testing.assert_array_equal(v[i], x[r : r + 4, c : c + 4])
-        np.testing.assert_array_equal(v[5 + i], x[r : r + 4, c : c + 4][:, ::-1])
-    assert v[1, 0, 0] == x[0, 4] and v[6, 0, 0] == x[0, 7]  # the mirror reverses W
-    np.testing.assert_array_equal(crop_views(x, 4, "ten_axis"), v)
-    # Leading axes are carried, the views go first.
-    y = np.arange(2 * 3 * 6 * 8).reshape(2, 3, 6, 8)
-    vy = crop_views(y, 4, "ten_axis")
-    assert vy.shape == (10, 2, 3, 4, 4)
-    np.testing.assert_array_equal(vy[3, 1, 2], y[1, 2, 2:6, 4:8])
-    centre = crop_views(y, 4, "centre")
-    assert centre.shape == (1, 2, 3, 4, 4)
-    np.testing.assert_array_equal(centre[0], centre_crop(y, 4))
-    assert [n_views(s) for s in ("centre", "ten_mean", "ten_axis")] == [1, 10, 10]
-
-
-def test_crop_views_errors_name_the_sizes_and_the_scheme() -> None:
-    x = np.zeros((6, 8))
-    with pytest.raises(ValueError, match="frame 6x8 is smaller than the crop 7"):
-        crop_views(x, 7, "ten_mean")
-    with pytest.raises(ValueError, match="unknown crop scheme 'five'"):
-        crop_views(x, 4, "five")
-
-
-def test_rgb_input_centre_is_unchanged() -> None:
-    """crops='centre' returns exactly what rgb_input returned before crops existed."""
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    x = rgb_input(frames, crop=32, mean=mean, std=std)
-    old = centre_crop(frames.transpose(0, 3, 1, 2), 32)
-    old = torch.from_numpy(np.ascontiguousarray(old)).float().div_(255.0)
-    old = (old - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    assert torch.equal(x, old)
-    assert torch.equal(rgb_input(frames, crop=32, mean=mean, std=std, crops="centre"), old)
-
-
-def test_rgb_input_ten_crop_is_view_major() -> None:
-    t = 3
-    rng = np.random.default_rng(1)
-    frames = rng.integers(0, 256, (t, 40, 50, 3), dtype=np.uint8)
-    kw = {"crop": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
-    centre = rgb_input(frames, **kw)
-    ten = rgb_input(frames, crops="ten_mean", **kw)
-    assert ten.shape == (10 * t, 3, 32, 32)
-    torch.testing.assert_close(ten[4 * t : 5 * t], centre)  # view 4 is the centre
-    torch.testing.assert_close(ten[9 * t : 10 * t], centre.flip(-1))  # view 9 its mirror
-    top_left = rgb_input(frames[:, :32, :32], **kw)
-    torch.testing.assert_close(ten[:t], top_left)
-
-
-def test_ten_crop_of_flow_negates_u_and_keeps_v() -> None:
-    t, ell, h, w = 2, 3, 6, 8
-    rng = np.random.default_rng(2)
-    stacks = rng.integers(0, 256, (t, ell, 2, h, w), dtype=np.uint8)
-    x = flow_input(stacks, crop=4, mean=(0.0,) * 6, std=(1.0,) * 6, crops="ten_axis")
-    assert x.shape == (10 * t, 2 * ell, 4, 4)
-    q = (x * 255).round().to(torch.int64).view(10, t, ell, 2, 4, 4).numpy()
-    centre = stacks[..., 1:5, 2:6].astype(np.int64)
-    np.testing.assert_array_equal(q[4], centre)  # unmirrored views are untouched
-    np.testing.assert_array_equal(q[9, :, :, 0], 255 - centre[:, :, 0, :, ::-1])  # u -> -u
-    np.testing.assert_array_equal(q[9, :, :, 1], centre[:, :, 1, :, ::-1])  # v kept
-    top_right = stacks[..., 0:4, 4:8].astype(np.int64)
-    np.testing.assert_array_equal(q[6, :, :, 0], 255 - top_right[:, :, 0, :, ::-1])
-    # The centre view with crops="centre" is the same as view 4 of the ten.
-    c = flow_input(stacks, crop=4, mean=(0.0,) * 6, std=(1.0,) * 6)
-    torch.testing.assert_close(c, x[4 * t : 5 * t])
-
-
-def test_255_minus_q_is_the_quantised_negated_flow() -> None:
-    from pipeline.flow import quantise
-
-    u = np.random.default_rng(3).uniform(-25, 25, 10_000).astype(np.float32)
-    q, q_neg = quantise(u, 20.0), quantise(-u, 20.0)
-    diff = q_neg.astype(int) - (255 - q.astype(int))
-    # Equal except at exact rounding ties (zero flow among them), which are one level apart.
-    assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 1e-3
-
-
-def test_clip_input_puts_channels_before_time() -> None:
-    k, s = 2, 4
-    rng = np.random.default_rng(4)
-    clips = rng.integers(0, 256, (k, s, 10, 12, 3), dtype=np.uint8)
-    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
-    x = clip_input(clips, crop=8, mean=mean, std=std)
-    assert x.shape == (k, 3, s, 8, 8) and x.dtype == torch.float32
-    for ch in range(3):
-        expected = (clips[1, 2, 1:9, 2:10, ch] / 255.0 - mean[ch]) / std[ch]
-        np.testing.assert_allclose(x[1, ch, 2].numpy(), expected, rtol=1e-5, atol=1e-6)
-    ten = clip_input(clips, crop=8, mean=mean, std=std, crops="ten_mean")
-    assert ten.shape == (10 * k, 3, s, 8, 8)
-    torch.testing.assert_close(ten[4 * k : 5 * k], x)  # view-major: view 4 is the centre
-    torch.testing.assert_close(ten[9 * k : 10 * k], x.flip(-1))
-
-
-def test_flow_clip_input_shape_and_mirroring() -> None:
-    k, s = 2, 4
-    rng = np.random.default_rng(5)
-    flow = rng.integers(0, 256, (k, s, 2, 10, 12), dtype=np.uint8)
-    x = flow_clip_input(flow, crop=8, mean=(0.0, 0.0), std=(1.0, 1.0), crops="ten_axis")
-    assert x.shape == (10 * k, 2, s, 8, 8)
-    q = (x * 255).round().to(torch.int64).numpy()
-    centre = flow[..., 1:9, 2:10].astype(np.int64).transpose(0, 2, 1, 3, 4)  # (K, 2, s, 8, 8)
-    np.testing.assert_array_equal(q[4 * k : 5 * k], centre)
-    np.testing.assert_array_equal(q[9 * k : 10 * k, 0], 255 - centre[:, 0, ..., ::-1])
-    np.testing.assert_array_equal(q[9 * k : 10 * k, 1], centre[:, 1, ..., ::-1])
-    # Mirroring by 255 - q is only right for uint8 quantised flow.
-    with pytest.raises(ValueError, match="needs uint8 quantised flow"):
-        flow_clip_input(flow.astype(np.float32), crop=8, mean=(0, 0), std=(1, 1), crops="ten_mean")
-
-
-# -- batching and memory format with 3D models and maps ---------------------------------------
-
-
-@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
-def test_3d_models_run_channels_last_3d_with_the_same_features(name: str) -> None:
-    assert memory_format("2d") == torch.channels_last
-    assert memory_format("3d") == torch.channels_last_3d
-    with pytest.raises(ValueError, match="kind must be '2d' or '3d'"):
-        memory_format("4d")
-    bb = build_backbone(name, weights="none")
-    fmt = memory_format(bb.kind)
-    x = _clips(2)
-    fast = copy.deepcopy(bb.model).to(memory_format=fmt)
-    xc = x.contiguous(memory_format=fmt)
-    assert xc.is_contiguous(memory_format=torch.channels_last_3d) and not xc.is_contiguous()
-    with torch.inference_mode():
-        ref = bb.model(x)
-        got = fast(xc)
-    _assert_close_rel(got, ref)
