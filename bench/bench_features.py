@@ -9,12 +9,16 @@ r3d_18 (16-frame clips with stride 8, crop 112 at short side 128) on the real cl
   over extra seconds, so fixed start-up costs cancel, as they do over a real dataset) and the
   end-to-end figure of the larger run (model build, first-batch kernel creation, worker start-up
   and compaction included) -> images/s or clips/s;
-- bare: the same network inputs decoded beforehand, timed through the model alone in batches
-  of the same size, after a warm-up batch: fp32 eager (contiguous), and fp32 and bf16 autocast
-  with channels_last, as the stage runs them (the same-precision comparison);
+- bare: the same network inputs decoded beforehand, timed through the model alone over 8
+  batches of the same size, after a warm-up batch: fp32 eager (torchvision's model as built,
+  contiguous), and the stage's own network (batch norms folded into the convolutions,
+  channels_last) in fp32 and bf16 autocast (the same-precision comparison);
+- every figure is taken in each of ``--rounds`` interleaved rounds (a slow spell of this shared
+  machine then touches all of them alike) and printed as the median and range; ratios are
+  taken within a round;
 - the cosine similarity of the stage's bf16 features against its fp32 ones (goal >= 0.99).
 
-    python bench/bench_features.py [--copies 4]
+    python bench/bench_features.py [--copies 4] [--rounds 3]
 
 Prints measured numbers; it asserts nothing.
 """
@@ -32,13 +36,10 @@ import numpy as np
 import torch
 
 from pipeline import extract
-from pipeline.backbones import (
-    build_backbone,
-    memory_format,
-    resolve_precision,
-)
+from pipeline.backbones import build_backbone
 from pipeline.cache import open_cache
 from pipeline.config import DatasetConfig, DecodeConfig, StreamFeaturesConfig
+from pipeline.inference import inference_model, memory_format, resolve_precision
 from pipeline.plan import read_plan
 from stages import decode, features, prepare
 
@@ -83,21 +84,24 @@ def _inputs(cfg: StreamFeaturesConfig, dec: Path, mean: tuple, std: tuple) -> li
     return [x for _, x, _, _ in (data[i] for i in range(len(data)))]
 
 
-def bare(cfg: StreamFeaturesConfig, xs: list[torch.Tensor], precision: str, fast: bool) -> float:
-    """Inputs per second of the model alone on inputs decoded beforehand: eager (contiguous),
-    or with ``fast`` channels_last as the stage runs it; fp32 or bf16 autocast."""
-    bb = build_backbone(cfg.backbone, weights=cfg.weights)
-    x = torch.cat(xs)
-    model, fmt = bb.model, torch.contiguous_format
-    if fast:
-        fmt = memory_format(bb.kind)
-        model = model.to(memory_format=fmt)
+def bare(
+    model: torch.nn.Module,
+    xs: list[torch.Tensor],
+    *,
+    batch_size: int,
+    precision: str,
+    fmt: torch.memory_format,
+    batches: int,
+) -> float:
+    """Inputs per second of ``model`` alone on inputs decoded beforehand, over the first
+    ``batches`` batches of ``batch_size`` (after a warm-up batch), in fp32 or bf16 autocast."""
+    x = torch.cat(xs)[: batch_size * batches]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), ctx:
-        model(x[: cfg.batch_size].contiguous(memory_format=fmt))  # warm-up
+        model(x[:batch_size].contiguous(memory_format=fmt))  # warm-up
         t = time.perf_counter()
-        for i in range(0, len(x), cfg.batch_size):
-            model(x[i : i + cfg.batch_size].contiguous(memory_format=fmt))
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size].contiguous(memory_format=fmt))
         return len(x) / (time.perf_counter() - t)
 
 
@@ -118,9 +122,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     )
 
 
+def _spread(values: list[float]) -> str:
+    """median (min-max) of a figure over the rounds."""
+    v = sorted(values)
+    med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{med:8.2f}  ({v[0]:.2f}-{v[-1]:.2f})" if len(v) > 1 else f"{med:8.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--copies", type=int, default=4, help="links to each real clip (resnet50)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     native = resolve_precision("auto", torch.device("cpu")) == "bf16"
@@ -128,11 +140,12 @@ def main() -> None:
     cases = [
         ("resnet50 centre 224", 256, args.copies, StreamFeaturesConfig(
             backbone="resnet50", weights="none", crop=224, batch_size=32, device="cpu")),
-        # r3d_18 runs ~2.5 clips/s in fp32 here: half the copies keep the bench near 7 minutes
+        # r3d_18 runs ~2.5 clips/s in fp32 here: half the copies keep the bench in minutes
         ("r3d_18 clips 16/8 112", 128, max(args.copies // 2, 1), StreamFeaturesConfig(
             backbone="r3d_18", weights="none", crop=112, batch_size=8, device="cpu",
             sampling="clips", clip_len=16, clip_stride=8)),
     ]  # fmt: skip
+    precisions = ("fp32", "bf16") if native else ("fp32",)
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, short, copies, cfg in cases:
@@ -141,36 +154,54 @@ def main() -> None:
             dec = _dataset(Path(tmp) / key, copies, short)
             bb = build_backbone(cfg.backbone, weights=cfg.weights)
             xs = _inputs(cfg, dec, bb.mean, bb.std)
+            # bare: the stage's own network (batch norms folded, channels_last); eager: the
+            # torchvision model as built, contiguous
+            fast = inference_model(
+                bb.model, kind=bb.kind, in_channels=3, device=torch.device("cpu")
+            )
+            fmt = memory_format(bb.kind)
             unit = "clips/s" if cfg.sampling == "clips" else "images/s"
-            fig = {"bare fp32 eager": bare(cfg, xs, "fp32", fast=False)}
-            feats = {}
-            for prec in ("fp32", "bf16") if native else ("fp32",):
-                c = dataclasses.replace(cfg, precision=prec)
-                fig[f"bare {prec}"] = bare(c, xs, prec, fast=True)
-                n1, t1, _ = stage(c, small, Path(tmp) / f"{key}_small_{prec}")
-                n2, t2, feats[prec] = stage(c, dec, Path(tmp) / f"{key}_{prec}")
-                fig[f"stage {prec} end-to-end"] = n2 / t2
-                # the extra inputs of the larger run over its extra time: start-up (model build,
-                # first-batch kernel creation, worker start) and compaction cancel out
-                fig[f"stage {prec}"] = (n2 - n1) / (t2 - t1)
+            fig: dict[str, list[float]] = {}
+            feats: dict[str, dict] = {}
+            # rounds interleave every figure, so a slow spell of this shared machine touches
+            # them alike; ratios are taken within a round
+            for r in range(args.rounds):
+                run = {"bare fp32 eager": bare(
+                    bb.model, xs, batch_size=cfg.batch_size, precision="fp32",
+                    fmt=torch.contiguous_format, batches=8)}  # fmt: skip
+                for prec in precisions:
+                    c = dataclasses.replace(cfg, precision=prec)
+                    run[f"bare {prec}"] = bare(
+                        fast, xs, batch_size=cfg.batch_size, precision=prec, fmt=fmt, batches=8
+                    )
+                    n1, t1, _ = stage(c, small, Path(tmp) / f"{key}_small_{prec}_{r}")
+                    n2, t2, feats[prec] = stage(c, dec, Path(tmp) / f"{key}_{prec}_{r}")
+                    run[f"stage {prec} end-to-end"] = n2 / t2
+                    # the extra inputs of the larger run over its extra time: start-up (model
+                    # build, first-batch kernels, worker start) and compaction cancel out
+                    run[f"stage {prec}"] = (n2 - n1) / (t2 - t1)
+                    run[f"stage / bare, {prec} (goal >= 0.9)"] = (
+                        run[f"stage {prec}"] / run[f"bare {prec}"]
+                    )
+                if native:
+                    run["stage bf16 / bare fp32 eager (goal >= 2.5)"] = (
+                        run["stage bf16"] / run["bare fp32 eager"]
+                    )
+                for k, v in run.items():
+                    fig.setdefault(k, []).append(v)
             rows.append((name, f"{len(xs)} videos, {sum(len(x) for x in xs)} inputs", "", ""))
-            for k in fig:
-                rows.append((name, k, f"{fig[k]:.2f}", unit))
-            for prec in feats:
-                ratio = fig[f"stage {prec}"] / fig[f"bare {prec}"]
-                rows.append((name, f"stage / bare, {prec} (goal >= 0.9)", f"{ratio:.2f}", "x"))
+            for k, v in fig.items():
+                rows.append((name, k, _spread(v), "x" if "/" in k else unit))
             if native:
-                ratio = fig["stage bf16"] / fig["bare fp32 eager"]
-                rows.append(
-                    (name, "stage bf16 / bare fp32 eager (goal >= 2.5)", f"{ratio:.2f}", "x")
-                )
                 cos = min(_cosine(feats["fp32"][k], feats["bf16"][k]) for k in feats["fp32"])
-                rows.append((name, "bf16 vs fp32 feature cosine (min)", f"{cos:.4f}", ""))
+                rows.append((name, "bf16 vs fp32 feature cosine (min)", f"{cos:8.4f}", ""))
     width = max(len(r[1]) for r in rows)
-    print("bare: channels_last unless eager; stage: marginal throughput of the larger run over")
-    print("the smaller one (start-up excluded), and end-to-end of the larger run")
+    print(f"median (min-max) of {args.rounds} interleaved rounds. bare: the stage's network")
+    print("(batch norms folded, channels_last) alone on 8 batches of inputs decoded beforehand;")
+    print("eager: torchvision's model as built, contiguous. stage: marginal throughput of the")
+    print("larger run over the smaller one (start-up excluded), and end-to-end of the larger run")
     for case, what, value, unit in rows:
-        print(f"{case:<22} {what:<{width}} {value:>8} {unit}")
+        print(f"{case:<22} {what:<{width}} {value} {unit}")
 
 
 if __name__ == "__main__":

@@ -85,11 +85,13 @@ def bench_backbone(name: str, weights: str, x, in_channels: int, repeats: int = 
 
 
 def bench_bf16(x) -> list[tuple[str, str, float, str]]:  # noqa: ANN001
-    """fp32 eager against channels_last + bf16 autocast on real frames: throughput and the cosine
-    similarity of the features (what features.<stream>.precision: bf16 does)."""
+    """fp32 eager against the stage's network (batch norms folded, channels_last) under bf16
+    autocast on real frames: throughput and the cosine similarity of the features (what
+    features.<stream>.precision: bf16 does)."""
     import torch
 
-    from pipeline.backbones import build_backbone, inference_context, resolve_precision
+    from pipeline.backbones import build_backbone
+    from pipeline.inference import inference_context, inference_model, resolve_precision
 
     cpu = torch.device("cpu")
     if resolve_precision("auto", cpu) != "bf16":
@@ -99,7 +101,7 @@ def bench_bf16(x) -> list[tuple[str, str, float, str]]:  # noqa: ANN001
         bb = build_backbone(name, weights=weights)
         with torch.inference_mode():
             ref = bb.model(x)
-            model = bb.model.to(memory_format=torch.channels_last)
+            model = inference_model(bb.model, kind="2d", in_channels=3, device=cpu)
             xc = x.contiguous(memory_format=torch.channels_last)
             with inference_context(cpu, "bf16"):
                 model(xc)  # warm-up
@@ -110,7 +112,12 @@ def bench_bf16(x) -> list[tuple[str, str, float, str]]:  # noqa: ANN001
                     best = min(best, time.perf_counter() - t)
         cos = float(torch.nn.functional.cosine_similarity(ref, low, dim=1).min())
         rows.append(
-            ("test.avi", f"backbone {name} rgb 224px bf16+channels_last", len(x) / best, "images/s")
+            (
+                "test.avi",
+                f"backbone {name} rgb 224px bf16, folded, channels_last",
+                len(x) / best,
+                "images/s",
+            )
         )
         rows.append(("test.avi", f"{name} bf16 vs fp32 feature cosine (min)", cos, ""))
     return rows
@@ -122,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from pipeline.backbones import flow_input, rgb_input
+    from pipeline.inputs import flow_input, rgb_input
 
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params(ROOT / "params.yaml")
