@@ -270,6 +270,24 @@ def _read_text(path: Path, *, encoding: str = "utf-8") -> str:
         raise DatasetError(f"{path}: not {encoding} text ({e.reason} at byte {e.start})") from None
 
 
+def portable_path(path: Path) -> str:
+    """How a video path is written into a manifest or a plan: relative to the working directory
+    when the video is inside it, else absolute. DVC runs every stage in the project directory
+    (where dvc.yaml is), so a video inside the project (the demo's, or a dataset under data/)
+    is written the same in every clone, and a clone elsewhere keeps the DVC hashes of the
+    prepare and decode outputs (nothing re-runs after `dvc pull`)."""
+    path = Path(path)
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve_path(text: str) -> Path:
+    """The absolute path of a stored video path (see ``portable_path``)."""
+    return Path.cwd() / text  # an absolute ``text`` replaces the working directory
+
+
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write ``manifest`` as CSV: a ``#classes=<json list>`` line (so classes without videos
     survive), then video_id,path,label,label_name,group,split_<name>... ; atomic replace."""
@@ -282,7 +300,14 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
         writer.writerow([*_FIXED_COLUMNS, *(f"split_{s}" for s in manifest.split_names)])
         for v in manifest.videos:
             writer.writerow(
-                [v.video_id, str(v.path), v.label, manifest.classes[v.label], v.group, *v.splits]
+                [
+                    v.video_id,
+                    portable_path(v.path),
+                    v.label,
+                    manifest.classes[v.label],
+                    v.group,
+                    *v.splits,
+                ]
             )
     os.replace(tmp, path)
 
@@ -331,7 +356,7 @@ def read_manifest(path: Path) -> Manifest:
             videos.append(
                 VideoRecord(
                     video_id=video_id,
-                    path=Path(vpath),
+                    path=resolve_path(vpath),
                     label=int(label),
                     group=group,
                     splits=tuple(roles),

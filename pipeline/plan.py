@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import DecodeConfig
+from pipeline.manifest import portable_path, resolve_path
 from pipeline.video import SamplePlan, dense_plan, sample_plan
 
 
@@ -59,7 +60,11 @@ def write_plan(path: Path, plan: Plan) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "settings": asdict(plan.settings),
-        "videos": {k: asdict(v) for k, v in sorted(plan.videos.items())},
+        # paths as in the manifest: relative inside the project, so clones share DVC hashes
+        "videos": {
+            k: asdict(v) | {"path": portable_path(Path(v.path))}
+            for k, v in sorted(plan.videos.items())
+        },
     }
     path.write_text(json.dumps(data, indent=1))
 
@@ -70,5 +75,9 @@ def read_plan(path: Path) -> Plan:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the decode plan ({e})") from e
     return Plan(
-        DecodeConfig(**data["settings"]), {k: PlannedVideo(**v) for k, v in data["videos"].items()}
+        DecodeConfig(**data["settings"]),
+        {
+            k: PlannedVideo(**(v | {"path": str(resolve_path(v["path"]))}))
+            for k, v in data["videos"].items()
+        },
     )

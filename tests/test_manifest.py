@@ -107,6 +107,32 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     )
 
 
+def test_paths_inside_the_project_are_stored_relative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A video inside the working directory (the project, where DVC runs stages) is written
+    relative to it and read back absolute against the reader's working directory; one outside
+    is written absolute."""
+    project, outside = tmp_path / "project", tmp_path / "elsewhere" / "c.avi"
+    videos = (
+        VideoRecord(
+            video_id="a", path=project / "data" / "a.avi", label=0, group="", splits=("train",)
+        ),
+        VideoRecord(video_id="c", path=outside, label=0, group="", splits=("test",)),
+    )
+    (project / "data").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    write_manifest(Manifest(classes=("x",), split_names=("1",), videos=videos), Path("m.csv"))
+    rows = (project / "m.csv").read_text().splitlines()[2:]
+    assert rows[0].split(",")[1] == "data/a.avi" and rows[1].split(",")[1] == str(outside)
+    moved = tmp_path / "clone"
+    (project / "m.csv").rename(tmp_path / "m.csv")
+    moved.mkdir()
+    monkeypatch.chdir(moved)
+    back = read_manifest(tmp_path / "m.csv")
+    assert [v.path for v in back.videos] == [moved / "data" / "a.avi", outside]
+
+
 def test_read_manifest_rejects_tampered_label(tmp_path: Path) -> None:
     v = VideoRecord(
         video_id="a", path=tmp_path.absolute() / "a.avi", label=0, group="", splits=("train",)

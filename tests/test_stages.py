@@ -294,3 +294,23 @@ def test_flow_under_two_torchrun_ranks_equals_one_process(
     cfg = FlowConfig(algorithm="farneback", workers=1)
     flow.main(cfg, plan_path=plan, out=single, cache_cfg=CacheConfig(videos_per_pack=8))
     assert file_bytes(out / "cache") == file_bytes(single / "cache")
+
+
+def test_a_clone_at_another_path_writes_the_same_prepare_and_decode_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_bytes: Callable
+) -> None:
+    """DVC hashes what prepare and decode write: two clones of the project at other paths must
+    write the same bytes, or a teammate's `dvc pull` + `dvc repro` would re-run every stage.
+    Each clone reads its own videos."""
+    from conftest import prepare_tiny_demo
+
+    for clone in ("a", "b"):
+        (tmp_path / clone).mkdir()
+        monkeypatch.chdir(tmp_path / clone)
+        prepare_tiny_demo(Path("data"))  # relative paths, as dvc.yaml passes them
+    a, b = file_bytes(tmp_path / "a" / "data"), file_bytes(tmp_path / "b" / "data")
+    assert a.keys() == b.keys() and a["decode/plan.json"] == b["decode/plan.json"]
+    assert a == b
+    plan = read_plan(tmp_path / "b/data/decode/plan.json")  # read in clone b
+    paths = [Path(v.path) for v in plan.videos.values()]
+    assert all(p.is_relative_to(tmp_path / "b") and p.is_file() for p in paths)
