@@ -1,4 +1,4 @@
-"""Tests for stages/train.py on the cache layouts of the features stage: sequences of unequal
+"""Tests for stages/train.py and pipeline/streams.py on the cache layouts of the features stage: sequences of unequal
 length (sigma(t) resampling), views (one sample per view, per-video mean of softmax scores),
 conv maps (TSRNN only), and the checks of cache metadata against params."""
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import streams
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, TrainConfig
 from pipeline.datasets import read_manifest
@@ -22,6 +23,7 @@ from pipeline.extract import params_identity
 from pipeline.heads import build_head
 from pipeline.manifest import Manifest, VideoRecord, write_manifest
 from pipeline.scores import read_scores
+from pipeline.streams import StreamError
 from stages import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,10 +77,10 @@ def _steps_tagged(lengths: dict[str, int], d: int = 4) -> dict[str, np.ndarray]:
     return out
 
 
-def _load(dirs: list[Path], names: str = "rgb", steps: int | None = None) -> train.Features:
-    streams = train.open_streams(dirs, names.split("+"))
-    ids = sorted(set.intersection(*(set(s.cache.keys()) for s in streams)))
-    return train.load_features(streams, ids, steps=steps)
+def _load(dirs: list[Path], names: str = "rgb", steps: int | None = None) -> streams.Features:
+    opened = streams.open_streams(dirs, names.split("+"))
+    ids = sorted(set.intersection(*(set(s.cache.keys()) for s in opened)))
+    return streams.load_features(opened, ids, steps=steps)
 
 
 # -- item 1: sequences of unequal length ------------------------------------------------------
@@ -88,7 +90,7 @@ def test_unequal_lengths_are_resampled_to_the_shortest_by_sigma(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     d = _cache(tmp_path / "rgb", _steps_tagged({"a": 5, "b": 9, "c": 7}))
-    with caplog.at_level(logging.INFO, logger="train"):
+    with caplog.at_level(logging.INFO, logger="pipeline.streams"):
         f = _load([d])
     assert f.steps == 5
     assert {v: x[0].shape for v, x in f.videos.items()} == {"a": (5, 4), "b": (5, 4), "c": (5, 4)}
@@ -213,9 +215,9 @@ def test_views_train_one_sample_per_view_and_score_each_video_by_its_views_mean(
 def test_per_video_scores_are_the_mean_softmax_of_the_views() -> None:
     probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.1, 0.9], [0.6, 0.4]], np.float32)
     groups = np.array([0, 0, 0, 1, 2])
-    got = train.per_video(probs, groups, views=True)
+    got = streams.per_video(probs, groups, views=True)
     np.testing.assert_allclose(got, [[1.6 / 3, 1.4 / 3], [0.1, 0.9], [0.6, 0.4]], rtol=1e-6)
-    assert train.per_video(probs, groups, views=False) is probs
+    assert streams.per_video(probs, groups, views=False) is probs
 
 
 def test_views_oof_folds_keep_each_videos_views_together(
@@ -433,8 +435,8 @@ def test_sru_levels_equal_to_the_cache_or_null_train(tmp_path: Path, levels: lis
 
 def test_array_not_matching_its_layout_or_dim_fails_naming_the_cache(tmp_path: Path) -> None:
     d = _cache(tmp_path / "rgb", {"a": np.zeros((3, 4, 2))}, layout="(T, D)")
-    with pytest.raises(SystemExit, match=r"rgb/cache: 'a' has shape \(3, 4, 2\).*\(T, D\)"):
+    with pytest.raises(StreamError, match=r"rgb/cache: 'a' has shape \(3, 4, 2\).*\(T, D\)"):
         _load([d])
     d = _cache(tmp_path / "bad", {"a": np.zeros((3, 4))}, dim=5)
-    with pytest.raises(SystemExit, match=r"bad/cache: 'a' has 4 features, the cache says dim 5"):
+    with pytest.raises(StreamError, match=r"bad/cache: 'a' has 4 features, the cache says dim 5"):
         _load([d])
