@@ -1,6 +1,7 @@
 """Every benchmark of issue 4 in one run, in this order:
 
 (a) bench_features.py: the features stage against the bare backbone (resnet50, r3d_18), fp32/bf16;
+    bench_fold.py: the bare network with batch norms kept and folded;
 (b) bench_stages.py: decode, flow pairs/s with 1 and 2 processes, tvl1_fast speed-up and EPE,
     RAFT, backbone images/s and bf16 cosine;
 (c) and (d) bench_cache.py: Zarr and HDF5 write / random-read MB/s, files and bytes per cache
@@ -11,7 +12,7 @@ and one that had imported torch (as bench_features does) would time torch import
 
     python bench/bench_all.py
 
-Takes about 10 minutes on 2 cores. Prints measured numbers; it asserts nothing.
+Takes about 20 minutes on 2 cores. Prints measured numbers; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = HERE.parent
 def main() -> None:
     for title, script in (
         ("(a) features stage vs bare backbone", "bench_features.py"),
+        ("(a) batch norms folded into the convolutions", "bench_fold.py"),
         ("(b) stages: decode, flow scaling, fast TV-L1, RAFT, backbones", "bench_stages.py"),
         ("(c, d) caches: speed, files and size", "bench_cache.py"),
     ):

@@ -74,7 +74,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> nn.Module:
     """An eval-mode copy of ``model`` with every batch norm that reads a convolution's output
     alone folded into that convolution (w' = w * g / sqrt(var + eps), b' = (b - mean) * g /
     sqrt(var + eps) + beta): the same function with one memory pass fewer per layer, measured
-    here 1.3x (ResNet-50) and 1.1x (R3D-18) faster in bf16 (bench/bench_features.py).
+    here 1.08x (ResNet-50) and 1.07x (R3D-18) faster in bf16 (bench/bench_fold.py).
 
     ``example`` (a small input of the model's shape) checks the result: where tracing fails or
     the folded model disagrees with ``model`` beyond rounding (a convolution subclass whose
