@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -124,9 +125,10 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _spread(values: list[float]) -> str:
     """median (min-max) of a figure over the rounds."""
-    v = sorted(values)
-    med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-    return f"{med:8.2f}  ({v[0]:.2f}-{v[-1]:.2f})" if len(v) > 1 else f"{med:8.2f}"
+    med = statistics.median(values)
+    return (
+        f"{med:8.2f}  ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{med:8.2f}"
+    )
 
 
 def main() -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,3 +97,45 @@ def prepare_tiny_demo(root: Path, decode_cfg: object | None = None) -> Path:
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 24-video demo at 32 px, prepared and decoded to 8 points with 2 flow pairs."""
     return prepare_tiny_demo(tmp_path_factory.mktemp("tiny"))
+
+
+def kill_when_cached(
+    cmd: list[str], cache: Path, *, videos: int = 3, env: dict | None = None
+) -> int:
+    """Start ``python cmd`` (a stage) in the repository and SIGKILL its process group once its
+    cache at ``cache`` holds ``videos`` finished videos -> the number it holds after the kill."""
+    from pipeline.cache import open_cache
+
+    proc = subprocess.Popen(
+        [sys.executable, *cmd], cwd=Path(__file__).resolve().parents[1], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline, n = time.time() + 120, 0
+    while time.time() < deadline and n < videos:
+        if (cache / "cache.json").exists():
+            with open_cache(cache, "r") as c:
+                n = len(c)
+        if n < videos:
+            assert proc.poll() is None, f"{cmd[:2]} finished before it could be interrupted"
+            time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_cache(cache, "r") as c:
+        return len(c)
+
+
+def random_clips(b: int, c: int = 3, t: int = 16, size: int = 32, seed: int = 0):  # noqa: ANN201
+    """Seeded random clips (b, c, t, size, size) float32 for the 3D backbones."""
+    import torch
+
+    return torch.randn(b, c, t, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close_rel(got, want, rtol: float = 1e-4) -> None:  # noqa: ANN001
+    """Close relative to the size of ``want``: a randomly initialised S3D in eval mode has
+    features of ~1e-6, under any absolute tolerance, so an absolute check could not fail."""
+    import torch
+
+    scale = want.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import assert_close_rel, random_clips
 
 from pipeline.backbones import (
     BACKBONES,
@@ -218,18 +219,6 @@ STEM_3D = {
 }
 
 
-def _clips(b: int, c: int = 3, t: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, c, t, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
-    """Close relative to the size of ``want``: a randomly initialised S3D in eval mode has
-    features of ~1e-6, under any absolute tolerance, so an absolute check could not fail."""
-    scale = want.abs().max().item()
-    assert scale > 0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)
-
-
 def _classifier(net: torch.nn.Module) -> torch.nn.Module:
     """A torchvision video model's last layer."""
     if isinstance(net, torchvision.models.video.S3D):
@@ -256,7 +245,7 @@ def test_every_3d_backbone_maps_clips_to_features(name: str) -> None:
     assert not bb.model.training
     assert not any(p.requires_grad for p in bb.model.parameters())
     with torch.no_grad():
-        y = bb.model(_clips(2))
+        y = bb.model(random_clips(2))
     assert y.shape == (2, DIMS_3D[name])
     assert torch.isfinite(y).all()
     assert (y[0] - y[1]).abs().max() > 1e-3 * y.abs().max() > 0
@@ -280,10 +269,10 @@ def test_3d_weights_file_gives_the_features_its_classifier_reads(name: str, tmp_
         # where it is the global mean; without it its logits are the classifier's outputs
         # averaged over every position, which is the classifier of the global mean (linear).
         net.avgpool = torch.nn.Identity()
-    x = _clips(2, size=64)  # S3D: 2 x 2 x 2 feature positions, so the mean is over several
+    x = random_clips(2, size=64)  # S3D: 2 x 2 x 2 feature positions, so the mean is over several
     w = _classifier(net).weight.flatten(1)  # (400, D)
     with torch.no_grad():
-        _assert_close_rel(bb.model(x) @ w.T, net(x))
+        assert_close_rel(bb.model(x) @ w.T, net(x))
 
 
 def test_3d_weights_of_another_architecture_raise(tmp_path: Path, resnet18_file: Path) -> None:
@@ -336,7 +325,7 @@ def test_3d_cross_modality_init_averages_rgb_and_replicates(name: str) -> None:
     assert flow.mean == (0.5, 0.5)
     assert flow.std == pytest.approx((float(np.mean(IMAGENET_STD)),) * 2)
     with torch.no_grad():
-        assert flow.model(_clips(1, c=2)).shape == (1, DIMS_3D[name])
+        assert flow.model(random_clips(1, c=2)).shape == (1, DIMS_3D[name])
 
 
 # -- 2D taps (MRRN) and maps (TSRNN) ----------------------------------------------------------

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import prepare_tiny_demo
+from conftest import kill_when_cached, prepare_tiny_demo
 
 from pipeline.cache import open_cache
 from pipeline.config import (
@@ -173,24 +169,7 @@ def test_killed_mid_run_resumes_to_the_same_bytes(
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.replace("batch_size: 16", "batch_size: 4"))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, *_stage_cmd(params, tiny_demo / "decode", out)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 120
-    n = 0
-    while time.time() < deadline:
-        if (out / "cache/cache.json").exists():
-            with open_cache(out / "cache", "r") as c:
-                n = len(c)
-        if n >= 3:
-            break
-        assert proc.poll() is None, "features finished before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with open_cache(out / "cache", "r") as c:
-        finished = len(c)
+    finished = kill_when_cached(_stage_cmd(params, tiny_demo / "decode", out), out / "cache")
     assert 3 <= finished < 24
     cfg = dataclasses.replace(R18, batch_size=4)
     packs = CacheConfig(videos_per_pack=8)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_rel, random_clips
 from torch import nn
 
 from pipeline.backbones import BACKBONES, build_backbone, is_3d
@@ -28,17 +29,6 @@ from pipeline.video import read_frames
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _clips(b: int, c: int = 3, t: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, c, t, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
-    """Close relative to the size of ``want`` (a random S3D's features are ~1e-6)."""
-    scale = want.abs().max().item()
-    assert scale > 0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
 
 def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -69,7 +59,7 @@ def test_folding_removes_every_batch_norm_and_keeps_the_features(name: str) -> N
     bb = build_backbone(name, weights="none")
     _random_statistics(bb.model)
     x = (
-        _clips(2, size=64)
+        random_clips(2, size=64)
         if is_3d(name)
         else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     )
@@ -80,7 +70,7 @@ def test_folding_removes_every_batch_norm_and_keeps_the_features(name: str) -> N
     with torch.inference_mode():
         want = bb.model(x)
         got = fast(x.contiguous(memory_format=memory_format(bb.kind)))
-    _assert_close_rel(got, want)
+    assert_close_rel(got, want)
 
 
 def test_folding_taps_and_maps_keeps_them() -> None:
@@ -91,7 +81,7 @@ def test_folding_taps_and_maps_keeps_them() -> None:
         fast = inference_model(bb.model, kind="2d", in_channels=ch, device=torch.device("cpu"))
         assert _n_bn(fast) == 0
         with torch.inference_mode():
-            _assert_close_rel(fast(x), bb.model(x))
+            assert_close_rel(fast(x), bb.model(x))
 
 
 class _Branches(nn.Module):
@@ -209,11 +199,11 @@ def test_3d_models_run_channels_last_3d_with_the_same_features(name: str) -> Non
         memory_format("4d")
     bb = build_backbone(name, weights="none")
     fmt = memory_format(bb.kind)
-    x = _clips(2)
+    x = random_clips(2)
     fast = copy.deepcopy(bb.model).to(memory_format=fmt)
     xc = x.contiguous(memory_format=fmt)
     assert xc.is_contiguous(memory_format=torch.channels_last_3d) and not xc.is_contiguous()
     with torch.inference_mode():
         ref = bb.model(x)
         got = fast(xc)
-    _assert_close_rel(got, ref)
+    assert_close_rel(got, ref)

@@ -6,16 +6,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import kill_when_cached, prepare_tiny_demo
 
 from pipeline.cache import open_cache
 from pipeline.config import (
@@ -102,29 +101,8 @@ def test_flow_killed_mid_run_resumes_without_recomputing(
     out = tmp_path / "flow"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["-m", "stages.flow", "--params", str(params), "--plan", str(plan), "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, *cmd],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     cache_dir = out / "cache"
-    deadline = time.time() + 120
-    finished = 0
-    while time.time() < deadline:
-        if (cache_dir / "cache.json").exists():
-            with open_cache(cache_dir, "r") as c:
-                finished = len(c)
-        if finished >= 3:
-            break
-        assert proc.poll() is None, "flow finished before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with open_cache(cache_dir, "r") as c:
-        finished = len(c)
+    finished = kill_when_cached(cmd, cache_dir, env=env)
     total = len(read_plan(plan).videos)
     assert 3 <= finished < total
 
@@ -302,8 +280,6 @@ def test_a_clone_at_another_path_writes_the_same_prepare_and_decode_outputs(
     """DVC hashes what prepare and decode write: two clones of the project at other paths must
     write the same bytes, or a teammate's `dvc pull` + `dvc repro` would re-run every stage.
     Each clone reads its own videos."""
-    from conftest import prepare_tiny_demo
-
     for clone in ("a", "b"):
         (tmp_path / clone).mkdir()
         monkeypatch.chdir(tmp_path / clone)
