@@ -72,6 +72,9 @@ class DecodeConfig:
     # points: num_frames windows of flow_pairs+1 frames (TS-LSTM, TSRNN); dense: every frame, and
     # the flow of every consecutive pair (flow_pairs must be 1), for 3D flow clips (Res-LSTM)
     sampling: str = "points"
+    # how frames are resized to short_side: decoder (ffmpeg's scaler while decoding, bicubic,
+    # 3.5x cheaper) | opencv (decode at full size, then cv2 INTER_AREA; the choice before 2026-11)
+    resize: str = "decoder"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class StreamFeaturesConfig:
     threads: int = 0  # torch intra-op threads; 0 = every core
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device has it natively)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    # torch.compile the backbone (inductor, frozen weights): ~20 s per process, then faster
+    compile: bool = False
     # pooled: (T, D) global average of the last block; taps: the `taps` blocks each spatially
     # averaged and concatenated (MRRN eq. 7); maps: the last block's (C, h, w) maps (TSRNN)
     output: str = "pooled"

@@ -249,16 +249,25 @@ def dequantise(q: np.ndarray, bound: float) -> np.ndarray:
     return q.astype(np.float32) * (2 * bound / 255.0) - bound
 
 
-def video_flow(path: Path, plan: SamplePlan, cfg: FlowConfig, *, short_side: int) -> np.ndarray:
+def video_flow(
+    path: Path,
+    plan: SamplePlan,
+    cfg: FlowConfig,
+    *,
+    short_side: int,
+    resize: str = "decoder",
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Flow stacks of one video -> (N, L, 2, H, W) uint8: for point i and pair j the flow
     from frame windows[i, j] to windows[i, j+1], x then y.
 
     Each distinct frame pair is computed once even when windows overlap (short videos, dense
     sampling), which for a 32-frame clip with N=25, L=5 is 31 pairs instead of 125. The pairs
     go to the algorithm in batches: one pair for OpenCV, flow.raft.batch_size for RAFT.
+    ``short_side``, ``resize`` and ``size`` are read_frames' decoding settings.
     """
     needed = plan.needed()
-    frames = read_frames(path, needed, short_side=short_side)
+    frames = read_frames(path, needed, short_side=short_side, resize=resize, size=size)
     row = {int(k): i for i, k in enumerate(needed)}
     pairs = plan.pairs()
     rows = np.array([[row[int(a)], row[int(b)]] for a, b in pairs], dtype=np.int64)

@@ -25,6 +25,12 @@ class PlannedVideo:
     looped: bool
     points: list[int]
     source: str  # sha256 of the video file: cache entries computed from it record it
+    width: int = 0  # as probed (0 in plans written before the field): lets decoding skip
+    height: int = 0  # a second open of the video to learn its size
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class Plan:
             s.pop("sampling")  # caches written before the key existed stay valid
         else:
             s.pop("num_frames")  # dense sampling takes every frame
+        if s["resize"] == "opencv":
+            s.pop("resize")  # likewise
         return s
 
 
@@ -74,8 +82,9 @@ def read_plan(path: Path) -> Plan:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the decode plan ({e})") from e
+    # a plan written before decode.resize existed resized with OpenCV
     return Plan(
-        DecodeConfig(**data["settings"]),
+        DecodeConfig(**({"resize": "opencv"} | data["settings"])),
         {
             k: PlannedVideo(**(v | {"path": str(resolve_path(v["path"]))}))
             for k, v in data["videos"].items()

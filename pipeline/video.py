@@ -116,10 +116,13 @@ def _first_line(e: Exception) -> str:
     return msg[-300:]
 
 
-def _open_decord(path: Path):  # noqa: ANN202 - decord has no type hints
+def _open_decord(path: Path, size: tuple[int, int] | None = None):  # noqa: ANN202 - untyped
+    """A decord reader of ``path``; ``size`` = (width, height) has the decoder scale every frame
+    (ffmpeg's scale filter, swscale's default bicubic, anti-aliased when shrinking)."""
     import decord
 
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    w, h = size if size else (-1, -1)
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h, num_threads=1)
 
 
 def probe(path: Path) -> VideoInfo:
@@ -143,22 +146,55 @@ def probe(path: Path) -> VideoInfo:
     return VideoInfo(frames=n, fps=fps, width=int(w), height=int(h))
 
 
-def read_frames(path: Path, indices: np.ndarray, *, short_side: int | None = None) -> np.ndarray:
+RESIZES = ("decoder", "opencv")
+
+
+def check_resize(resize: str) -> None:
+    """Refuse an unknown ``decode.resize`` before any video is read."""
+    if resize not in RESIZES:
+        raise ValueError(f"decode.resize: unknown '{resize}' (choose from {', '.join(RESIZES)})")
+
+
+def read_frames(
+    path: Path,
+    indices: np.ndarray,
+    *,
+    short_side: int | None = None,
+    resize: str = "decoder",
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
+
+    ``resize`` is how: ``decoder`` has ffmpeg's scaler resize each frame while decoding (its
+    colour conversion then runs at the small size too: 3.5x cheaper than ``opencv`` for 240p
+    frames at short side 128, measured in bench/bench_stages.py), ``opencv`` decodes at full size
+    and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) of the
+    video as probed saves opening it twice to learn it. A video decord cannot index is read by
+    OpenCV and resized with cv2 whatever ``resize`` says.
 
     Raises VideoDecodeError naming the file when any requested frame cannot be decoded.
     """
     path = Path(path)
+    check_resize(resize)
     _check_file(path)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size == 0 or idx.min() < 0:
         raise ValueError(f"{path}: frame indices must be a non-empty list of indices >= 0")
     uniq, inverse = np.unique(idx, return_inverse=True)
+    scaled = bool(short_side) and resize == "decoder"
     try:
-        vr = _open_decord(path)
+        vr = _open_decord(path) if not (scaled and size and all(size)) else None
+        if scaled:
+            w, h = size if vr is None else vr[0].shape[1::-1]
+            target = scaled_size(w, h, short_side)
+            if target != (w, h):
+                vr = _open_decord(path, target)
+            elif vr is None:
+                vr = _open_decord(path)
         if len(uniq) and uniq[-1] >= len(vr):
             raise VideoDecodeError(f"{path}: frame {uniq[-1]} requested, video has {len(vr)}")
         frames = vr.get_batch(uniq.tolist()).asnumpy()
+        done = scaled
     except VideoDecodeError:
         raise
     except Exception as e:
@@ -171,20 +207,27 @@ def read_frames(path: Path, indices: np.ndarray, *, short_side: int | None = Non
                 f"{path}: decoding failed ({_first_line(e)}); only {len(every)} frames are "
                 f"decodable and frame {uniq[-1]} is needed"
             ) from e
-        frames = every[uniq]
-    if short_side:
+        frames, done = every[uniq], False
+    if short_side and not done:
         frames = resize_short_side(frames, short_side)
-    return frames[inverse]
+    if len(uniq) == len(idx) and np.array_equal(uniq, idx):
+        return frames  # sorted distinct indices: no copy
+    return frames[inverse.reshape(-1)]
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) scaled so that the short side is ``short_side``, aspect kept."""
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
-    """(K, H, W, C) -> (K, H', W', C) with min(H', W') == short_side, aspect kept."""
+    """(K, H, W, C) -> (K, H', W', C) with min(H', W') == short_side, aspect kept (cv2)."""
     h, w = frames.shape[1:3]
-    scale = short_side / min(h, w)
-    if scale == 1.0:
+    size = scaled_size(w, h, short_side)
+    if size == (w, h):
         return frames
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if size[1] < h else cv2.INTER_LINEAR
     return np.stack([cv2.resize(f, size, interpolation=interp) for f in frames])
 
 

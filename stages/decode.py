@@ -11,24 +11,27 @@ from pipeline.config import DecodeConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
 from pipeline.runner import Counts, Failure, finish, map_videos
-from pipeline.video import read_frames
+from pipeline.video import check_resize, read_frames
 
 
-def _check(item: tuple[str, str, int, str], cfg: DecodeConfig) -> PlannedVideo:
-    vid, path, frames, source = item
+def _check(item: tuple[str, str, int, str, int, int], cfg: DecodeConfig) -> PlannedVideo:
+    vid, path, frames, source, w, h = item
     sp = sampling(cfg, frames)
-    read_frames(Path(path), sp.needed(), short_side=cfg.short_side)  # raises VideoDecodeError
-    return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source)
+    # raises VideoDecodeError
+    read_frames(Path(path), sp.needed(), short_side=cfg.short_side, resize=cfg.resize, size=(w, h))
+    return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source, w, h)
 
 
 def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts:
+    check_resize(cfg.resize)
     m = read_manifest(manifest)
     with probe.open(newline="") as fh:
         rows = {r["video_id"]: r for r in csv.DictReader(fh)}
-    items = [
-        (v.video_id, str(v.path), int(rows[v.video_id]["frames"]), rows[v.video_id]["sha256"])
-        for v in m.videos
-    ]
+    items = []
+    for v in m.videos:
+        r = rows[v.video_id]
+        size = int(r["width"]), int(r["height"])
+        items.append((v.video_id, str(v.path), int(r["frames"]), r["sha256"], *size))
     planned, failures = {}, []
     for item, pv, err in map_videos(
         partial(_check, cfg=cfg), items, workers=cfg.workers, desc="decode"

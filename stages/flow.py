@@ -23,11 +23,17 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
 
 
-def _flow(item: tuple[str, str, int], *, settings: DecodeConfig, cfg: FlowConfig) -> np.ndarray:
-    """item: (video id, path, frames). Only this video travels to the worker, not the plan."""
-    _, path, frames = item
+def _flow(item: tuple, *, settings: DecodeConfig, cfg: FlowConfig) -> np.ndarray:
+    """item: (video id, path, frames, (width, height)). Only this video travels to the worker,
+    not the plan."""
+    _, path, frames, size = item
     return video_flow(
-        Path(path), sampling_of(settings, frames), cfg, short_side=settings.short_side
+        Path(path),
+        sampling_of(settings, frames),
+        cfg,
+        short_side=settings.short_side,
+        resize=settings.resize,
+        size=size,
     )
 
 
@@ -67,7 +73,7 @@ def main(
     with cache:
         done = cache.up_to_date({k: v.source for k, v in plan.videos.items()})
         todo = world.shard(
-            [(k, v.path, v.frames) for k, v in sorted(plan.videos.items()) if k not in done]
+            [(k, v.path, v.frames, v.size) for k, v in sorted(plan.videos.items()) if k not in done]
         )
         fn = partial(_flow, settings=plan.settings, cfg=cfg)
         written = 0
@@ -75,7 +81,7 @@ def main(
         # video; a CPU process pool would hold one model per process and oversubscribe the cores.
         if raft and todo:
             raft_model(cfg)  # weights that do not fit stop the stage before any video
-        for (vid, path, _), stacks, err in map_videos(
+        for (vid, path, *_), stacks, err in map_videos(
             fn,
             todo,
             workers=1 if raft else world.cores(cfg.workers),

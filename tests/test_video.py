@@ -247,3 +247,39 @@ def test_dense_plan_takes_every_consecutive_pair_once() -> None:
     assert not p.looped
     one = dense_plan(1)
     assert one.looped and one.windows.tolist() == [[0, 0]]
+
+
+# -- resize: in the decoder (default) or with OpenCV after decoding -----------------------------
+
+
+def test_the_decoder_resize_is_close_to_opencv_area_resize(videos: Path) -> None:
+    """ffmpeg's scaler (bicubic, anti-aliased) and cv2's INTER_AREA give the same size and
+    nearly the same pixels: a few grey levels apart, where a different frame is tens apart."""
+    path, idx = videos / "test.avi", np.array([0, 80, 163])
+    dec = read_frames(path, idx, short_side=120, resize="decoder").astype(np.int16)
+    ocv = read_frames(path, idx, short_side=120, resize="opencv").astype(np.int16)
+    assert dec.shape == ocv.shape == (3, 120, 160, 3)
+    for i in range(3):
+        assert np.abs(dec[i] - ocv[i]).mean() < 3
+    assert np.abs(dec[0] - ocv[2]).mean() > 10
+    assert not np.array_equal(dec, ocv)  # the decoder did the resizing
+
+
+def test_the_probed_size_spares_an_open_and_changes_nothing(videos: Path) -> None:
+    path, idx = videos / "flipping_a_pancake.mkv", np.array([3, 1, 3])
+    known = read_frames(path, idx, short_side=128, size=(426, 240))
+    assert known.shape == (3, 128, 227, 3)  # 426x240 -> 227x128
+    np.testing.assert_array_equal(known, read_frames(path, idx, short_side=128))
+    np.testing.assert_array_equal(known, read_frames(path, idx, short_side=128, size=(0, 0)))
+
+
+def test_no_resize_at_the_native_short_side(videos: Path) -> None:
+    path, idx = videos / "test.avi", np.array([5])
+    full = read_frames(path, idx)
+    np.testing.assert_array_equal(read_frames(path, idx, short_side=240, resize="decoder"), full)
+    np.testing.assert_array_equal(read_frames(path, idx, short_side=240, resize="opencv"), full)
+
+
+def test_an_unknown_resize_is_refused(videos: Path) -> None:
+    with pytest.raises(ValueError, match=r"decode.resize: unknown 'nearest' \(choose from decoder"):
+        read_frames(videos / "test.avi", np.array([0]), short_side=60, resize="nearest")
