@@ -12,13 +12,16 @@ r3d_18 (16-frame clips with stride 8, crop 112 at short side 128) on the real cl
 - bare: the same network inputs decoded beforehand, timed through the model alone over 8
   batches of the same size, after a warm-up batch: fp32 eager (torchvision's model as built,
   contiguous), and the stage's own network (batch norms folded into the convolutions,
-  channels_last) in fp32 and bf16 autocast (the same-precision comparison);
+  channels_last) in fp32 and bf16 autocast (the same-precision comparison), and that network
+  torch.compile'd (``features.compile: true``) in bf16 (fp32 on a CPU without native bf16);
+- the kernel ceiling (r3d_18 only): GFLOP/s of its commonest 3x3x3 convolution in fp32 and bf16,
+  whose ratio bounds the bf16 gain of a network made of such convolutions;
 - every figure is taken in each of ``--rounds`` interleaved rounds (a slow spell of this shared
   machine then touches all of them alike) and printed as the median and range; ratios are
   taken within a round;
 - the cosine similarity of the stage's bf16 features against its fp32 ones (goal >= 0.99).
 
-    python bench/bench_features.py [--copies 4] [--rounds 3]
+    python bench/bench_features.py [--copies 4] [--rounds 3] [--only resnet50|r3d_18]
 
 Prints measured numbers; it asserts nothing.
 """
@@ -40,7 +43,7 @@ from pipeline import extract
 from pipeline.backbones import build_backbone
 from pipeline.cache import open_cache
 from pipeline.config import DatasetConfig, DecodeConfig, StreamFeaturesConfig
-from pipeline.inference import inference_model, memory_format, resolve_precision
+from pipeline.inference import Compiled, inference_model, memory_format, resolve_precision
 from pipeline.plan import read_plan
 from stages import decode, features, prepare
 
@@ -72,12 +75,14 @@ def _inputs(cfg: StreamFeaturesConfig, dec: Path, mean: tuple, std: tuple) -> li
     """The network inputs the stage computes (its own decoding Dataset), decoded up front: what
     the bare figure runs on."""
     plan = read_plan(dec / "plan.json")
-    items = [extract.Item(k, v.path, tuple(v.points), v.frames) for k, v in plan.videos.items()]
+    items = [
+        extract.Item(k, v.path, tuple(v.points), v.frames, v.size) for k, v in plan.videos.items()
+    ]
     data = extract.VideoInputs(
         cfg,
         stream="rgb",
         items=items,
-        short_side=plan.settings.short_side,
+        decoding=plan.settings,
         flow_cache=None,
         mean=mean,
         std=std,
@@ -104,6 +109,29 @@ def bare(
         for i in range(0, len(x), batch_size):
             model(x[i : i + batch_size].contiguous(memory_format=fmt))
         return len(x) / (time.perf_counter() - t)
+
+
+def conv_ceiling() -> dict[str, float]:
+    """GFLOP/s of R3D-18's commonest convolution (3x3x3, 64 -> 64 channels, batch 8 of 16x56x56,
+    channels_last_3d, oneDNN's best kernel) in fp32 and bf16: the kernel-level bf16 / fp32
+    ratio of this CPU, which bounds what bf16 can give a network that is nearly all such
+    convolutions (96% of R3D-18's bf16 time is in them)."""
+    x = torch.randn(8, 64, 16, 56, 56).contiguous(memory_format=torch.channels_last_3d)
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False)
+    conv = conv.to(memory_format=torch.channels_last_3d).eval()
+    flops = 2 * x[:, :1].numel() * 64 * 64 * 27
+    out = {}
+    for prec in ("fp32", "bf16"):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16")
+        with torch.inference_mode(), ctx:
+            conv(x)  # warm-up: kernel creation, weight reorder
+            t = time.perf_counter()
+            conv(x), conv(x)
+            out[f"kernel: conv3d 64->64 {prec}"] = 2 * flops / (time.perf_counter() - t) / 1e9
+    out["kernel: conv3d 64->64 bf16 / fp32"] = (
+        out["kernel: conv3d 64->64 bf16"] / out["kernel: conv3d 64->64 fp32"]
+    )
+    return out
 
 
 def stage(cfg: StreamFeaturesConfig, dec: Path, out: Path) -> tuple[int, float, dict]:
@@ -135,6 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--copies", type=int, default=4, help="links to each real clip (resnet50)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median)")
+    ap.add_argument("--only", choices=["resnet50", "r3d_18"], help="run one backbone's case")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     native = resolve_precision("auto", torch.device("cpu")) == "bf16"
@@ -147,7 +176,12 @@ def main() -> None:
             backbone="r3d_18", weights="none", crop=112, batch_size=8, device="cpu",
             sampling="clips", clip_len=16, clip_stride=8)),
     ]  # fmt: skip
-    precisions = ("fp32", "bf16") if native else ("fp32",)
+    cases = [c for c in cases if args.only in (None, c[0].split()[0])]
+    # (label, precision, torch.compile): the stage's eager-mode network in fp32 and bf16, and
+    # compiled (features.compile: true) in the fastest precision
+    variants = [("fp32", "fp32", False)]
+    variants += [("bf16", "bf16", False), ("bf16+compile", "bf16", True)] if native else []
+    variants += [] if native else [("fp32+compile", "fp32", True)]
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, short, copies, cfg in cases:
@@ -156,11 +190,12 @@ def main() -> None:
             dec = _dataset(Path(tmp) / key, copies, short)
             bb = build_backbone(cfg.backbone, weights=cfg.weights)
             xs = _inputs(cfg, dec, bb.mean, bb.std)
-            # bare: the stage's own network (batch norms folded, channels_last); eager: the
-            # torchvision model as built, contiguous
+            # bare: the stage's own network (batch norms folded, channels_last; compiled in the
+            # +compile variant, once for all rounds); eager: torchvision's model as built
             fast = inference_model(
                 bb.model, kind=bb.kind, in_channels=3, device=torch.device("cpu")
             )
+            nets = {False: fast, True: Compiled(fast)}
             fmt = memory_format(bb.kind)
             unit = "clips/s" if cfg.sampling == "clips" else "images/s"
             fig: dict[str, list[float]] = {}
@@ -171,35 +206,45 @@ def main() -> None:
                 run = {"bare fp32 eager": bare(
                     bb.model, xs, batch_size=cfg.batch_size, precision="fp32",
                     fmt=torch.contiguous_format, batches=8)}  # fmt: skip
-                for prec in precisions:
-                    c = dataclasses.replace(cfg, precision=prec)
-                    run[f"bare {prec}"] = bare(
-                        fast, xs, batch_size=cfg.batch_size, precision=prec, fmt=fmt, batches=8
-                    )
-                    n1, t1, _ = stage(c, small, Path(tmp) / f"{key}_small_{prec}_{r}")
-                    n2, t2, feats[prec] = stage(c, dec, Path(tmp) / f"{key}_{prec}_{r}")
-                    run[f"stage {prec} end-to-end"] = n2 / t2
+                for label, prec, comp in variants:
+                    c = dataclasses.replace(cfg, precision=prec, compile=comp)
+                    run[f"bare {label}"] = bare(
+                        nets[comp], xs, batch_size=cfg.batch_size, precision=prec, fmt=fmt,
+                        batches=8,
+                    )  # fmt: skip
+                    out = Path(tmp) / f"{key}_{label}_{r}"
+                    n1, t1, _ = stage(c, small, Path(f"{out}_small"))
+                    n2, t2, feats[label] = stage(c, dec, out)
+                    run[f"stage {label} end-to-end"] = n2 / t2
                     # the extra inputs of the larger run over its extra time: start-up (model
-                    # build, first-batch kernels, worker start) and compaction cancel out
-                    run[f"stage {prec}"] = (n2 - n1) / (t2 - t1)
-                    run[f"stage / bare, {prec} (goal >= 0.9)"] = (
-                        run[f"stage {prec}"] / run[f"bare {prec}"]
+                    # build and compile, first-batch kernels, worker start) and compaction cancel
+                    run[f"stage {label}"] = (n2 - n1) / (t2 - t1)
+                    run[f"stage / bare, {label} (goal >= 0.9)"] = (
+                        run[f"stage {label}"] / run[f"bare {label}"]
                     )
+                    if prec == "bf16" or comp:
+                        run[f"stage {label} / bare fp32 eager (goal >= 2.5)"] = (
+                            run[f"stage {label}"] / run["bare fp32 eager"]
+                        )
                 if native:
-                    run["stage bf16 / bare fp32 eager (goal >= 2.5)"] = (
-                        run["stage bf16"] / run["bare fp32 eager"]
+                    run["bare bf16 / bare fp32 (the network's own bf16 gain)"] = (
+                        run["bare bf16"] / run["bare fp32"]
                     )
+                if native and cfg.sampling == "clips":
+                    run |= conv_ceiling()
                 for k, v in run.items():
                     fig.setdefault(k, []).append(v)
             rows.append((name, f"{len(xs)} videos, {sum(len(x) for x in xs)} inputs", "", ""))
             for k, v in fig.items():
-                rows.append((name, k, _spread(v), "x" if "/" in k else unit))
-            if native:
-                cos = min(_cosine(feats["fp32"][k], feats["bf16"][k]) for k in feats["fp32"])
-                rows.append((name, "bf16 vs fp32 feature cosine (min)", f"{cos:8.4f}", ""))
+                u = "x" if "/" in k else "GFLOP/s" if k.startswith("kernel") else unit
+                rows.append((name, k, _spread(v), u))
+            for label, *_ in variants[1:]:
+                cos = min(_cosine(feats["fp32"][k], feats[label][k]) for k in feats["fp32"])
+                rows.append((name, f"{label} vs fp32 feature cosine (min)", f"{cos:8.4f}", ""))
     width = max(len(r[1]) for r in rows)
     print(f"median (min-max) of {args.rounds} interleaved rounds. bare: the stage's network")
-    print("(batch norms folded, channels_last) alone on 8 batches of inputs decoded beforehand;")
+    print("(batch norms folded, channels_last; +compile: torch.compile'd) alone on 8 batches of")
+    print("inputs decoded beforehand;")
     print("eager: torchvision's model as built, contiguous. stage: marginal throughput of the")
     print("larger run over the smaller one (start-up excluded), and end-to-end of the larger run")
     for case, what, value, unit in rows:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.backbones import Backbone, is_3d
 from pipeline.cache import FeatureCache, open_cache
-from pipeline.config import StreamFeaturesConfig
+from pipeline.config import DecodeConfig, StreamFeaturesConfig
 from pipeline.inputs import clip_input, flow_clip_input, flow_input, rgb_input
 from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
@@ -77,6 +77,7 @@ def cache_attrs(
         "dim": bb.dim,
         "dtype": "float16",
         "precision": precision,
+        **({"compile": True} if cfg.compile else {}),  # other rounding; caches before it: False
         "device": device,
         "versions": versions(),
         **upstream,
@@ -117,12 +118,14 @@ def layout(cfg: StreamFeaturesConfig) -> str:
 @dataclass(frozen=True)
 class Item:
     """One video to extract: ``path`` is the video (rgb) or unused (flow: read from the cache);
-    ``points`` the decode plan's frames; ``frames`` the video's frame count (rgb clips)."""
+    ``points`` the decode plan's frames; ``frames`` the video's frame count (rgb clips);
+    ``size`` its (width, height) as probed, (0, 0) where unknown."""
 
     video_id: str
     path: str
     points: tuple[int, ...] = ()
     frames: int = 0
+    size: tuple[int, int] = (0, 0)
 
 
 class VideoInputs(torch.utils.data.Dataset):
@@ -137,13 +140,13 @@ class VideoInputs(torch.utils.data.Dataset):
         *,
         stream: str,
         items: list[Item],
-        short_side: int,
+        decoding: DecodeConfig | None,
         flow_cache: Path | None,
         mean: tuple[float, ...],
         std: tuple[float, ...],
     ) -> None:
         self.cfg, self.stream, self.items = cfg, stream, items
-        self.short_side, self.flow_cache = short_side, flow_cache
+        self.decoding, self.flow_cache = decoding, flow_cache
         self.mean, self.std = mean, std
         self._flow: FeatureCache | None = None
 
@@ -162,23 +165,29 @@ class VideoInputs(torch.utils.data.Dataset):
         c = self.cfg
         return clip_windows(length, length=c.clip_len, stride=c.clip_stride, max_clips=c.max_clips)
 
+    def _frames(self, item: Item, indices: np.ndarray) -> np.ndarray:
+        d = self.decoding
+        if d is None:
+            raise ValueError("the rgb stream reads videos: VideoInputs needs the decode settings")
+        return read_frames(
+            Path(item.path), indices, short_side=d.short_side, resize=d.resize, size=item.size
+        )
+
     def _load(self, item: Item) -> tuple[Tensor, int]:
         c = self.cfg
         kw = {"crop": c.crop, "mean": self.mean, "std": self.std, "crops": c.crops}
         three_d = is_3d(c.backbone)
         if self.stream == "rgb":
             if c.sampling == "points":
-                frames = read_frames(
-                    Path(item.path), np.asarray(item.points), short_side=self.short_side
-                )
+                frames = self._frames(item, np.asarray(item.points))
                 return rgb_input(frames, **kw), len(frames)
             w = self._windows(item.frames)
-            # read_frames decodes each distinct frame once, however often the clips repeat it
-            frames = read_frames(Path(item.path), w.reshape(-1), short_side=self.short_side)
-            clips = frames.reshape(*w.shape, *frames.shape[1:])  # (K, s, H, W, 3)
+            # each distinct frame is decoded and cropped once, however often the clips repeat it
+            needed, inverse = np.unique(w, return_inverse=True)
+            frames, w = self._frames(item, needed), inverse.reshape(w.shape)
             if three_d:
-                return clip_input(clips, **kw), len(clips)
-            return rgb_input(clips.reshape(-1, *clips.shape[2:]), **kw), w.size
+                return clip_input(frames, w, **kw), len(w)
+            return rgb_input(frames, index=w.reshape(-1), **kw), w.size
         if self._flow is None:
             self._flow = open_cache(self.flow_cache, "r")
         stacks = self._flow.read(item.video_id)  # (P, L, 2, H, W)

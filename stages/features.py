@@ -17,9 +17,16 @@ import torch
 from pipeline import extract
 from pipeline.backbones import build_backbone, is_3d
 from pipeline.cache import open_cache
-from pipeline.config import DEFAULT_CACHE, CacheConfig, StreamFeaturesConfig, section
+from pipeline.config import (
+    DEFAULT_CACHE,
+    CacheConfig,
+    DecodeConfig,
+    StreamFeaturesConfig,
+    section,
+)
 from pipeline.distributed import close_world, collect, init_world, open_shared_cache
 from pipeline.inference import (
+    Compiled,
     inference_context,
     inference_model,
     memory_format,
@@ -35,16 +42,19 @@ log = logging.getLogger("features")
 _START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _upstream(stream: str, source: Path) -> tuple[list[extract.Item], dict, dict, int, int]:
-    """-> (items, {id: source fingerprint}, upstream metadata, input channels, short side)."""
+def _upstream(
+    stream: str, source: Path
+) -> tuple[list[extract.Item], dict, dict, int, DecodeConfig | None]:
+    """-> (items, {id: source fingerprint}, upstream metadata, input channels, decode settings
+    (rgb: how to decode the videos; flow: None, the stacks are read from the flow cache))."""
     if stream == "rgb":
         plan = read_plan(source / "plan.json")
         items = [
-            extract.Item(k, v.path, tuple(v.points), v.frames)
+            extract.Item(k, v.path, tuple(v.points), v.frames, v.size)
             for k, v in sorted(plan.videos.items())
         ]
         sources = {k: v.source for k, v in plan.videos.items()}
-        return items, sources, {"sampling": plan.identity()}, 3, plan.settings.short_side
+        return items, sources, {"sampling": plan.identity()}, 3, plan.settings
     if stream == "flow":
         with open_cache(source / "cache", "r") as flow:
             ids, attrs = flow.keys(), flow.attrs
@@ -52,7 +62,7 @@ def _upstream(stream: str, source: Path) -> tuple[list[extract.Item], dict, dict
         upstream = {"sampling": attrs["sampling"], "flow": attrs["flow"]}
         pairs = attrs["sampling"]["flow_pairs"]
         items = [extract.Item(k, str(source / "cache")) for k in ids]
-        return items, sources, upstream, 2 * pairs, 0
+        return items, sources, upstream, 2 * pairs, None
     raise SystemExit(f"features: unknown stream '{stream}' (rgb or flow)")
 
 
@@ -70,7 +80,7 @@ def main(
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
     torch.set_num_threads(world.cores(cfg.threads))
-    items, sources, upstream, in_ch, short_side = _upstream(stream, source)
+    items, sources, upstream, in_ch, decoding = _upstream(stream, source)
     # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
     bb = build_backbone(
         cfg.backbone,
@@ -84,6 +94,8 @@ def main(
     # cuDNN (GPU) pick their fast NHWC convolution kernels
     fmt = memory_format(bb.kind)
     model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
+    if cfg.compile:
+        model = Compiled(model)
     attrs = extract.cache_attrs(
         cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream
     )
@@ -105,7 +117,7 @@ def main(
             cfg,
             stream=stream,
             items=todo,
-            short_side=short_side,
+            decoding=decoding,
             flow_cache=source / "cache" if stream == "flow" else None,
             mean=bb.mean,
             std=bb.std,

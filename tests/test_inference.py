@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 
 from pipeline.backbones import BACKBONES, build_backbone, is_3d
 from pipeline.inference import (
+    Compiled,
     fold_batchnorm,
     inference_context,
     inference_model,
@@ -207,3 +209,47 @@ def test_3d_models_run_channels_last_3d_with_the_same_features(name: str) -> Non
         ref = bb.model(x)
         got = fast(xc)
     assert_close_rel(got, ref)
+
+
+# -- torch.compile (features.compile) ---------------------------------------------------------
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+
+
+def test_the_compiled_model_gives_the_eager_outputs(one_thread: None) -> None:
+    net = _small_net()
+    x = torch.randn(4, 3, 16, 16)
+    c = Compiled(net)
+    with torch.inference_mode():
+        first, second = c(x), c(x + 1)
+        assert c.fast is not None  # compiled, checked, kept
+        torch.testing.assert_close(first, net(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second, net(x + 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fast", "why"),
+    [
+        (lambda x: (_ for _ in ()).throw(RuntimeError("no C++ compiler")), "no C\\+\\+ compiler"),
+        (lambda x: torch.zeros(len(x), 8), "differ by 1.0e\\+00 of their norm"),
+        (lambda x: torch.full((len(x), 8), float("nan")), "differ by nan"),
+    ],
+)
+def test_a_compile_that_fails_or_disagrees_leaves_the_eager_model(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fast,
+    why: str,  # noqa: ANN001
+) -> None:
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: fast)
+    net, x = _small_net(), torch.randn(2, 3, 16, 16)
+    c = Compiled(net)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        assert torch.equal(c(x), net(x))
+        assert c.fast is None and torch.equal(c(x + 1), net(x + 1))
+    assert re.search(f"running eagerly, .*{why}", caplog.text)

@@ -139,17 +139,84 @@ def test_255_minus_q_is_the_quantised_negated_flow() -> None:
 def test_clip_input_puts_channels_before_time() -> None:
     k, s = 2, 4
     rng = np.random.default_rng(4)
-    clips = rng.integers(0, 256, (k, s, 10, 12, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8)
+    windows = np.array([[0, 1, 2, 3], [2, 3, 4, 5]])  # clips of stride 2 share frames 2, 3
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
-    x = clip_input(clips, crop=8, mean=mean, std=std)
+    x = clip_input(frames, windows, crop=8, mean=mean, std=std)
     assert x.shape == (k, 3, s, 8, 8) and x.dtype == torch.float32
     for ch in range(3):
-        expected = (clips[1, 2, 1:9, 2:10, ch] / 255.0 - mean[ch]) / std[ch]
+        expected = (frames[windows[1, 2], 1:9, 2:10, ch] / 255.0 - mean[ch]) / std[ch]
         np.testing.assert_allclose(x[1, ch, 2].numpy(), expected, rtol=1e-5, atol=1e-6)
-    ten = clip_input(clips, crop=8, mean=mean, std=std, crops="ten_mean")
+    ten = clip_input(frames, windows, crop=8, mean=mean, std=std, crops="ten_mean")
     assert ten.shape == (10 * k, 3, s, 8, 8)
     torch.testing.assert_close(ten[4 * k : 5 * k], x)  # view-major: view 4 is the centre
     torch.testing.assert_close(ten[9 * k : 10 * k], x.flip(-1))
+
+
+def _arithmetic(x: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
+    """(N, C, ...) uint8 -> the per-element float32 arithmetic (x / 255 - m) / s."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = torch.tensor(mean, dtype=torch.float32).view(shape)
+    s = torch.tensor(std, dtype=torch.float32).view(shape)
+    return (torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0 - m) / s
+
+
+@pytest.mark.parametrize("crops", ["centre", "ten_axis"])
+def test_inputs_hold_the_bits_of_the_per_element_arithmetic(crops: str) -> None:
+    """The table lookup gives exactly the float32 of (x / 255 - mean) / std on every element,
+    for images, clips (built from shared frames) and flow stacks of 10 channels."""
+    rng = np.random.default_rng(6)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    frames = rng.integers(0, 256, (7, 20, 24, 3), dtype=np.uint8)
+    views = crop_views(frames.transpose(0, 3, 1, 2), 16, crops)  # (V, T, 3, 16, 16)
+    want = _arithmetic(views.reshape(-1, 3, 16, 16), mean, std)
+    assert torch.equal(rgb_input(frames, crop=16, mean=mean, std=std, crops=crops), want)
+
+    windows = np.array([[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 0]])
+    clips = frames[windows].transpose(0, 4, 1, 2, 3)  # (K, 3, s, H, W), frames repeated
+    want = _arithmetic(crop_views(clips, 16, crops).reshape(-1, 3, 4, 16, 16), mean, std)
+    got = clip_input(frames, windows, crop=16, mean=mean, std=std, crops=crops)
+    assert torch.equal(got, want)
+
+    stacks = rng.integers(0, 256, (3, 5, 2, 20, 24), dtype=np.uint8)
+    fm, fs = tuple(rng.uniform(0.3, 0.7, 10)), tuple(rng.uniform(0.1, 0.3, 10))
+    views = crop_views(stacks.reshape(3, 10, 20, 24), 16, crops).copy()
+    if crops != "centre":
+        views[5:, :, 0::2] = 255 - views[5:, :, 0::2]  # mirrored views negate u
+    want = _arithmetic(views.reshape(-1, 10, 16, 16), fm, fs)
+    assert torch.equal(flow_input(stacks, crop=16, mean=fm, std=fs, crops=crops), want)
+
+
+def test_inputs_come_channels_last_in_memory() -> None:
+    """The network runs channels-last: inputs already in that layout cost the main process no
+    copy (``contiguous(memory_format=...)`` returns the tensor itself)."""
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8)
+    kw = {"crop": 16, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    x = rgb_input(frames, **kw)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x.contiguous(memory_format=torch.channels_last) is x
+    c = clip_input(frames, np.array([[0, 1, 2, 3], [2, 3, 4, 5]]), **kw)
+    assert c.is_contiguous(memory_format=torch.channels_last_3d)
+    stacks = rng.integers(0, 256, (3, 5, 2, 20, 24), dtype=np.uint8)
+    f = flow_input(stacks, crop=16, mean=(0.5,) * 10, std=(0.25,) * 10)
+    assert f.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rgb_input_index_takes_frames_from_the_distinct_ones() -> None:
+    rng = np.random.default_rng(8)
+    frames = rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8)
+    index = np.array([0, 1, 2, 1, 2, 3, 2, 3, 4])
+    kw = {"crop": 16, "mean": (0.5,) * 3, "std": (0.25,) * 3, "crops": "ten_axis"}
+    assert torch.equal(rgb_input(frames, index=index, **kw), rgb_input(frames[index], **kw))
+
+
+def test_inputs_refuse_float_frames_and_a_wrong_channel_count() -> None:
+    frames = np.zeros((2, 20, 24, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="made from uint8"):
+        rgb_input(frames.astype(np.float32), crop=16, mean=(0,) * 3, std=(1,) * 3)
+    with pytest.raises(ValueError, match="3 input channels, but 2 means"):
+        rgb_input(frames, crop=16, mean=(0, 0), std=(1, 1))
 
 
 def test_flow_clip_input_shape_and_mirroring() -> None:

@@ -195,6 +195,29 @@ def test_features_precision_is_recorded_and_a_change_restarts(
     assert cos.min() > 0.98 and not np.array_equal(ref, low)
 
 
+def test_features_compile_is_recorded_and_gives_the_eager_features(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """features.compile: true runs the torch.compile'd network (checked against the eager one
+    on the first batch); its other rounding restarts the cache, like a precision change."""
+    cfg = StreamFeaturesConfig(
+        backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1, device="cpu"
+    )
+    out = tmp_path / "rgb"
+    features.main(cfg, stream="rgb", source=tiny_demo / "decode", out=out)
+    with open_cache(out / "cache", "r") as c:
+        eager = {k: c.read(k).astype(np.float32) for k in c.keys()}
+    again = features.main(
+        dataclasses.replace(cfg, compile=True), stream="rgb", source=tiny_demo / "decode", out=out
+    )
+    assert again.skipped == 0 and again.done == 24
+    with open_cache(out / "cache", "r") as c:
+        assert c.attrs["compile"] is True
+        for k, ref in eager.items():
+            got = c.read(k).astype(np.float32)
+            np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
 def test_joint_training_concatenates_streams_and_logs_the_head_report(
     tiny_demo: Path, tmp_path: Path
 ) -> None:
