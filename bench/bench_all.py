@@ -1,8 +1,9 @@
 """Every benchmark of issue 4 in one run, in this order:
 
-(a) bench_features.py: the features stage against the bare backbone (resnet50, r3d_18), fp32/bf16;
+(a) bench_features.py: the features stage against the bare backbone (resnet50, r3d_18), fp32,
+    bf16 and bf16 compiled, and the kernel-level bf16 / fp32 ceiling;
     bench_fold.py: the bare network with batch norms kept and folded;
-(b) bench_stages.py: decode, flow pairs/s with 1 and 2 processes, tvl1_fast speed-up and EPE,
+(b) bench_stages.py: decode (and the two resize choices), flow pairs/s with 1 and 2 processes, tvl1_fast speed-up and EPE,
     RAFT, backbone images/s and bf16 cosine;
 (c) and (d) bench_cache.py: Zarr and HDF5 write / random-read MB/s, files and bytes per cache
     (the demo's under data/, extrapolated to UCF101).
@@ -12,7 +13,7 @@ and one that had imported torch (as bench_features does) would time torch import
 
     python bench/bench_all.py
 
-Takes about 20 minutes on 2 cores. Prints measured numbers; it asserts nothing.
+Takes about 30 minutes on 2 cores. Prints measured numbers; it asserts nothing.
 """
 
 from __future__ import annotations
