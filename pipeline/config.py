@@ -73,7 +73,7 @@ class DecodeConfig:
     # the flow of every consecutive pair (flow_pairs must be 1), for 3D flow clips (Res-LSTM)
     sampling: str = "points"
     # how frames are resized to short_side: decoder (ffmpeg's scaler while decoding, bicubic,
-    # 3.5x cheaper) | opencv (decode at full size, then cv2 INTER_AREA; the choice before 2026-11)
+    # 1.2-1.6x cheaper) | opencv (decode at full size, then cv2 INTER_AREA; the choice before 2026-11)
     resize: str = "decoder"
 
 
