@@ -133,9 +133,9 @@ class Compiled(nn.Module):
 
     Where compiling fails (no C++ compiler on the machine, an operator inductor lacks) or the
     compiled outputs disagree (by more than 10% of the eager outputs' norm, bf16 rounding being
-    ~1%, or with a non-finite value), it
-    logs a warning and runs ``model`` eagerly from then on. Compiling takes ~20 s per process
-    (once per batch shape: forward_batched keeps a single one), so it pays on large runs."""
+    ~1%, or with a non-finite value), it logs a warning and runs ``model`` eagerly from then
+    on. Compiling takes ~20 s per process (once per batch shape: forward_batched keeps a single
+    one), so it pays on large runs."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -167,8 +167,8 @@ def read_frames(
 
     ``resize`` is how: ``decoder`` has ffmpeg's scaler resize each frame while decoding (its
     colour conversion then runs at the small size too: 1.2x (320x240) to 1.6x (426x240)
-    cheaper than ``opencv`` at short side 128, measured in bench/bench_stages.py), ``opencv`` decodes at full size
-    and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) of the
+    cheaper than ``opencv`` at short side 128, measured in bench/bench_stages.py); ``opencv``
+    decodes at full size and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) of the
     video as probed saves opening it twice to learn it. A video decord cannot index is read by
     OpenCV and resized with cv2 whatever ``resize`` says.
 
@@ -181,20 +181,11 @@ def read_frames(
     if idx.size == 0 or idx.min() < 0:
         raise ValueError(f"{path}: frame indices must be a non-empty list of indices >= 0")
     uniq, inverse = np.unique(idx, return_inverse=True)
-    scaled = bool(short_side) and resize == "decoder"
     try:
-        vr = _open_decord(path) if not (scaled and size and all(size)) else None
-        if scaled:
-            w, h = size if vr is None else vr[0].shape[1::-1]
-            target = scaled_size(w, h, short_side)
-            if target != (w, h):
-                vr = _open_decord(path, target)
-            elif vr is None:
-                vr = _open_decord(path)
+        vr, scaled = _reader(path, short_side if resize == "decoder" else None, size)
         if len(uniq) and uniq[-1] >= len(vr):
             raise VideoDecodeError(f"{path}: frame {uniq[-1]} requested, video has {len(vr)}")
         frames = vr.get_batch(uniq.tolist()).asnumpy()
-        done = scaled
     except VideoDecodeError:
         raise
     except Exception as e:
@@ -207,12 +198,28 @@ def read_frames(
                 f"{path}: decoding failed ({_first_line(e)}); only {len(every)} frames are "
                 f"decodable and frame {uniq[-1]} is needed"
             ) from e
-        frames, done = every[uniq], False
-    if short_side and not done:
+        frames, scaled = every[uniq], False
+    if short_side and not scaled:
         frames = resize_short_side(frames, short_side)
     if len(uniq) == len(idx) and np.array_equal(uniq, idx):
         return frames  # sorted distinct indices: no copy
     return frames[inverse.reshape(-1)]
+
+
+def _reader(path: Path, short_side: int | None, size: tuple[int, int] | None):  # noqa: ANN202
+    """A decord reader of ``path`` -> (reader, whether its frames already have ``short_side``).
+    With ``short_side`` the decoder scales; ``size`` (width, height) is the probed size, and
+    where it is unknown ((0, 0), None) the first frame of a native-size reader tells it."""
+    if not short_side:
+        return _open_decord(path), False
+    native = None
+    if not (size and all(size)):
+        native = _open_decord(path)
+        size = native[0].shape[1::-1]
+    target = scaled_size(*size, short_side)
+    if target != tuple(size):
+        return _open_decord(path, target), True
+    return (_open_decord(path) if native is None else native), True
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -23,7 +23,9 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
 
 
-def _flow(item: tuple, *, settings: DecodeConfig, cfg: FlowConfig) -> np.ndarray:
+def _flow(
+    item: tuple[str, str, int, tuple[int, int]], *, settings: DecodeConfig, cfg: FlowConfig
+) -> np.ndarray:
     """item: (video id, path, frames, (width, height)). Only this video travels to the worker,
     not the plan."""
     _, path, frames, size = item
