@@ -294,12 +294,13 @@ def main() -> None:
 
 def bench_raft(video: Path, pairs: int = 8) -> list[tuple[str, str, float, str]]:
     """raft_small on the CPU (torch's threads, batches of flow.raft.batch_size) at short side 64
-    (padded to RAFT's 128 px minimum, so it costs what 128x128 costs) and 256. Random weights:
-    none can be downloaded here, and the speed does not depend on their values."""
+    (padded to RAFT's 128 px minimum, so it costs what 128x128 costs) and 256. Random weights
+    (flow.raft.weights: none): the speed does not depend on their values, and the benchmark
+    then runs on a machine without network or torchvision's file."""
     from pipeline.config import RaftConfig
     from pipeline.flow import make_pairs_flow_fn
 
-    cfg = FlowConfig(algorithm="raft_small", raft=RaftConfig(device="cpu"))
+    cfg = FlowConfig(algorithm="raft_small", raft=RaftConfig(weights="none", device="cpu"))
     flow = make_pairs_flow_fn(cfg)
     rows = []
     for side in (64, 256):

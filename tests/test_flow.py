@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
+import hub_server
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from torchvision.models import optical_flow
 
 from pipeline.backbones import WeightsError
 from pipeline.cache import open_cache
-from pipeline.config import DecodeConfig, FlowConfig, RaftConfig
+from pipeline.config import ConfigError, DecodeConfig, FlowConfig, RaftConfig, build
 from pipeline.fingerprint import file_sha256
 from pipeline.flow import (
     _raft_model,
@@ -26,6 +28,7 @@ from pipeline.flow import (
     make_flow_fn,
     make_pairs_flow_fn,
     quantise,
+    raft_model,
     raft_padding,
     video_flow,
 )
@@ -205,23 +208,29 @@ def test_tvl1_fast_is_close_to_tvl1() -> None:
 
 
 # -- RAFT -------------------------------------------------------------------------------------
-# No pretrained weights can be downloaded here, so these tests run seeded random weights: they
-# check shapes, padding, batching, weight loading and the cache identity, never flow quality.
+# These tests run seeded random weights (flow.raft.weights: none, or files of random weights):
+# they check shapes, padding, batching, weight loading and the cache identity, never flow
+# quality. No test reaches the internet: the enum's URL is pointed at 127.0.0.1.
 
-RAFT_SMALL = FlowConfig(algorithm="raft_small", raft=RaftConfig(iterations=4, device="cpu"))
+RAFT_SMALL = FlowConfig(
+    algorithm="raft_small", raft=RaftConfig(weights="none", iterations=4, device="cpu")
+)
+RAFT_SMALL_DEFAULT = dataclasses.replace(
+    RAFT_SMALL, raft=dataclasses.replace(RAFT_SMALL.raft, weights="default")
+)
 
 
 @pytest.fixture
-def hub(tmp_path: Path, one_thread: None) -> Iterator[Path]:
+def hub(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty torch hub cache (so a developer's real one cannot change the results) and no
-    RAFT model left over from an earlier test; yields its checkpoints folder."""
-    before = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    RAFT model left over from an earlier test; yields its checkpoints folder (not created)."""
+    # through monkeypatch, which restores torch's state, where torch.hub.set_dir(before) would
+    # pin the hub dir for the rest of the session and hide TORCH_HOME from later tests
+    checkpoints = hub_server.empty_hub(monkeypatch, tmp_path / "torch")
     _raft_model.cache_clear()
     try:
-        yield tmp_path / "hub" / "checkpoints"
+        yield checkpoints
     finally:
-        torch.hub.set_dir(before)
         _raft_model.cache_clear()
 
 
@@ -291,23 +300,78 @@ def test_raft_loads_a_state_dict_file_and_names_it_in_the_identity(
     assert np.abs(flow - seed0).mean() > 0.1  # the file's weights, not the random default
 
 
-def test_raft_without_weights_uses_the_hub_cache_file_else_seeded_random(
+def test_raft_weights_null_of_an_older_params_file_is_refused() -> None:
+    """null used to mean "the hub file if there, else random"; it must not now pass silently as
+    one of the explicit choices."""
+    with pytest.raises(ConfigError, match=r"flow\.raft\.weights: expected a string, got None"):
+        build(FlowConfig, {"raft": {"weights": None}}, where="params.yaml:flow")
+    assert FlowConfig().raft.weights == "default"
+
+
+def test_raft_weights_none_is_seeded_random_and_says_so(
     hub: Path, frames64: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="pipeline.flow"):
         random_flow = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
     assert flow_settings(RAFT_SMALL)["raft"]["weights"] == "random (seed 0)"
-    assert "RANDOM weights" in caplog.text
+    assert "RANDOM weights (flow.raft.weights: none" in caplog.text
     _raft_model.cache_clear()
     again = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
     np.testing.assert_array_equal(random_flow, again)  # seeded: a rebuilt model is the same
 
+
+def test_raft_default_loads_torchvisions_file_prepared_in_the_hub_cache(
+    hub: Path, frames64: np.ndarray
+) -> None:
+    """A file put under torchvision's name by hand is used as it is (torch checks the hash
+    prefix in the name only while downloading), and its own sha256 is the identity."""
     path = hub / "raft_small_C_T_V2-01064c6d.pth"  # Raft_Small_Weights.DEFAULT's file name
-    _saved_raft(path, "raft_small", seed=1)
-    identity = flow_settings(RAFT_SMALL)["raft"]["weights"]
+    saved = _saved_raft(path, "raft_small", seed=1)
+    identity = flow_settings(RAFT_SMALL_DEFAULT)["raft"]["weights"]
     assert identity == f"Raft_Small_Weights.C_T_V2 sha256:{file_sha256(path)[:16]}"
-    hub_flow = make_pairs_flow_fn(RAFT_SMALL)(frames64[:1], frames64[1:])
-    assert np.abs(hub_flow - random_flow).mean() > 0.1
+    model = raft_model(RAFT_SMALL_DEFAULT)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_raft_default_without_the_file_or_network_stops_naming_file_url_and_folder(
+    hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enum = optical_flow.Raft_Small_Weights.DEFAULT
+    built: list[str] = []
+    monkeypatch.setattr(optical_flow, "raft_small", lambda **kw: built.append("raft_small"))
+    with hub_server.refusing() as base:
+        url = f"{base}/{hub_server.file_name(enum)}"
+        hub_server.point_at(monkeypatch, enum, url)
+        for call in (flow_settings, make_pairs_flow_fn):
+            start = time.perf_counter()
+            with pytest.raises(WeightsError) as e:
+                call(RAFT_SMALL_DEFAULT)
+            assert time.perf_counter() - start < 5
+            message = str(e.value)
+            assert message.startswith(str(hub / "raft_small_C_T_V2-01064c6d.pth"))
+            assert url in message and f"in {hub}/" in message
+            assert "'flow.raft.weights: default'" in message
+    assert built == []  # nothing random was built
+    assert list(hub.iterdir()) == []
+
+
+def test_raft_default_is_downloaded_into_the_hub_cache(
+    hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "served"
+    saved = _saved_raft(served / "staged.pth", "raft_small", seed=2)
+    sha = file_sha256(served / "staged.pth")
+    name = f"raft_small_C_T_V2-{sha[:8]}.pth"  # torchvision's naming: the sha256 prefix
+    (served / "staged.pth").rename(served / name)
+    with hub_server.serving(served) as base:
+        hub_server.point_at(monkeypatch, optical_flow.Raft_Small_Weights.DEFAULT, f"{base}/{name}")
+        identity = flow_settings(RAFT_SMALL_DEFAULT)["raft"]["weights"]
+    assert identity == f"Raft_Small_Weights.C_T_V2 sha256:{sha[:16]}"
+    assert (hub / name).read_bytes() == (served / name).read_bytes()
+    model = raft_model(RAFT_SMALL_DEFAULT)  # from the hub cache now, server gone
+    for key, value in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def _garbage(path: Path) -> None:
@@ -394,14 +458,17 @@ def test_flow_stage_runs_raft_in_process_with_failures_recorded(
     planned = {}
     for vid, name in [("part_0", "part_0.mp4"), ("video_0", "video_0.mov")]:
         path = videos / name
-        frames = probe(path).frames
-        s = sample_plan(frames, num_points=3, pairs=2)
+        info = probe(path)
+        s = sample_plan(info.frames, num_points=3, pairs=2)
         planned[vid] = PlannedVideo(
-            vid, str(path), frames, s.looped, s.points.tolist(), file_sha256(path)
-        )
+            vid, str(path), info.frames, s.looped, s.points.tolist(), file_sha256(path),
+            info.width, info.height,
+        )  # fmt: skip
     text = tmp_path / "notes.avi"
     text.write_text("this is a text file, not a video\n")
-    planned["notes"] = PlannedVideo("notes", str(text), 10, False, [0, 3, 6], file_sha256(text))
+    planned["notes"] = PlannedVideo(
+        "notes", str(text), 10, False, [0, 3, 6], file_sha256(text), 32, 32
+    )
     write_plan(tmp_path / "plan.json", Plan(settings, planned))
     cfg = dataclasses.replace(RAFT_SMALL, workers=2)  # RAFT ignores workers: no process pool
 
