@@ -1,14 +1,19 @@
 """Manifests: which videos exist, their class, their group and their role in each split.
 
-Adapters turn a dataset's own description into one ``Manifest``:
+Adapters turn a dataset's own description into a ``Listing``: one ``Manifest`` of the usable
+videos, and the rows left out (``Rejected``: two rows that give one video id, a file name that
+is not UTF-8), which prepare records as failures so that the rest goes on:
 
 - ``ucf101_manifest``: the official ``classInd.txt`` / ``trainlist0N.txt`` / ``testlist0N.txt``;
 - ``hmdb51_manifest``: the official ``<class>_test_splitN.txt`` files (1 train, 2 test, 0 unused);
 - ``folder_manifest``: one sub-folder per class, split here (``split_train_test``);
 - ``csv_manifest``: a ``path,label[,split][,group]`` table.
 
-No adapter opens a video: whether a file decodes is the prepare stage's business. The manifest
-model, its storage and the splitter live in ``pipeline.manifest`` (re-exported here).
+Video ids: UCF101 and HMDB51 videos are known by their file names, unique across each dataset
+(``name_id``); a folder or CSV dataset's by their path under the root (``path_id``), since two
+class folders may well hold a ``clip_01.avi`` each. No adapter opens a video: whether a file
+decodes is the prepare stage's business. The manifest model, its storage, the id rules and the
+splitter live in ``pipeline.manifest`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +31,6 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.manifest import (  # noqa: F401  (the manifest API is re-exported here)
     _CLASSES_PREFIX,
-    _UNSAFE,
     PARTS,
     DatasetError,
     Manifest,
@@ -33,8 +38,10 @@ from pipeline.manifest import (  # noqa: F401  (the manifest API is re-exported 
     _grouped_split,
     _read_text,
     _stratified_split,
+    id_problem,
+    name_id,
+    path_id,
     read_manifest,
-    safe_id,
     split_train_test,
     write_manifest,
 )
@@ -103,53 +110,132 @@ class _CaseResolver:
         return path
 
 
+def shown(path: Path) -> str:
+    """``path`` as text that can be written anywhere: the bytes of a file name that is not
+    UTF-8 (which Python holds as lone surrogates) as backslash escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Rows of a dataset description that cannot become one video, left out of the manifest.
+
+    reason names every row (its file and line, or its path) and what is wrong; prepare records
+    it as one failure, so one bad row costs its video and never the stage.
+    """
+
+    video_id: str
+    paths: tuple[Path, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What an adapter found: the manifest of the usable videos, and the rows it left out."""
+
+    manifest: Manifest
+    rejected: tuple[Rejected, ...]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One mention of a video in a dataset description (a line of a split list, a CSV row, a
+    file of a folder dataset)."""
+
+    video_id: str
+    path: Path
+    label: int
+    group: str
+    source: str  # "<file>:<line>" where it was listed, or the path itself
+    split_index: int = 0
+    role: str = ""  # "" = not given: split_train_test assigns it after collecting
+
+    def where(self) -> str:
+        shown_path = shown(self.path)
+        return shown_path if self.source == str(self.path) else f"{self.source} ({shown_path})"
+
+
 @dataclass
 class _Entry:
-    """A video being collected by an adapter: splits filled in as the lists are read."""
+    """A video collected from its rows: its role in every split ("unused" where not listed)."""
 
     path: Path
     label: int
     group: str
-    source: str  # "<file>:<line>" where it was first seen
     splits: list[str]
 
 
-def _add_entry(
+def _same_file(a: Path, b: Path, *, fold_case: bool) -> bool:
+    x, y = os.path.normpath(a), os.path.normpath(b)
+    return x.lower() == y.lower() if fold_case else x == y
+
+
+def _clash(
+    video_id: str, rows: Sequence[_Row], *, split_names: Sequence[str], rule: str, fold_case: bool
+) -> str:
+    """Why ``rows``, which share ``video_id``, cannot be one video: the reason prepare records."""
+    first = rows[0]
+    same = all(_same_file(r.path, first.path, fold_case=fold_case) for r in rows)
+    if same and len({r.label for r in rows}) > 1:
+        cause = "one file listed under different classes"
+    elif same:
+        twice = Counter(r.split_index for r in rows).most_common(1)[0][0]
+        where = f" in split {split_names[twice]}" if len(split_names) > 1 else ""
+        cause = f"the same file listed more than once{where}"
+    elif len({os.path.splitext(os.path.normpath(r.path))[0] for r in rows}) == 1:
+        cause = "files that differ only in their extension"
+    elif len({unicodedata.normalize("NFC", str(r.path)) for r in rows}) == 1:
+        cause = "file names equal after Unicode NFC normalisation"
+    else:
+        cause = f"different files that give one id ({rule})"
+    listed = "; ".join(r.where() for r in rows)
+    return f"duplicate video id {video_id!r}: {cause}, left out: {listed}"
+
+
+def _collect(
+    rows: Sequence[_Row], *, split_names: Sequence[str], rule: str, fold_case: bool = False
+) -> tuple[dict[str, _Entry], list[Rejected]]:
+    """Rows -> {id: entry} and the ids left out. An id may be listed once per split, always for
+    the same file (ignoring case with ``fold_case``: official lists and archives disagree on it)
+    and class; any other repetition leaves the id out, as one ``Rejected`` naming every row,
+    since which row is right cannot be known."""
+    by_id: dict[str, list[_Row]] = defaultdict(list)
+    for r in rows:
+        by_id[r.video_id].append(r)
+    entries: dict[str, _Entry] = {}
+    rejected: list[Rejected] = []
+    for vid, mine in by_id.items():
+        first = mine[0]
+        fine = len({r.split_index for r in mine}) == len(mine) and all(
+            r.label == first.label
+            and r.group == first.group
+            and _same_file(r.path, first.path, fold_case=fold_case)
+            for r in mine
+        )
+        if not fine:
+            reason = _clash(vid, mine, split_names=split_names, rule=rule, fold_case=fold_case)
+            log.warning("%s", reason)
+            rejected.append(Rejected(vid, tuple(r.path for r in mine), reason))
+            continue
+        entry = _Entry(first.path, first.label, first.group, ["unused"] * len(split_names))
+        for r in mine:
+            entry.splits[r.split_index] = r.role
+        entries[vid] = entry
+    return entries, rejected
+
+
+def _listing(
+    classes: Sequence[str],
+    split_names: Sequence[str],
     entries: dict[str, _Entry],
-    *,
-    video_id: str,
-    path: Path,
-    label: int,
-    group: str,
-    split_index: int,
-    role: str,
-    n_splits: int,
-    source: str,
-) -> None:
-    entry = entries.get(video_id)
-    if entry is None:
-        entry = _Entry(path, label, group, source, ["unused"] * n_splits)
-        entries[video_id] = entry
-    elif str(entry.path).lower() != str(path).lower() or entry.label != label:
-        raise DatasetError(
-            f"{source}: duplicate video_id {video_id!r}: {entry.path} and {path} "
-            f"(first seen at {entry.source})"
-        )
-    if entry.splits[split_index] != "unused":
-        raise DatasetError(
-            f"{source}: {path.name} is listed twice in one split (first at {entry.source})"
-        )
-    entry.splits[split_index] = role
-
-
-def _manifest_from_entries(
-    classes: Sequence[str], split_names: Sequence[str], entries: dict[str, _Entry]
-) -> Manifest:
+    rejected: Sequence[Rejected],
+) -> Listing:
     videos = tuple(
         VideoRecord(video_id=vid, path=e.path, label=e.label, group=e.group, splits=tuple(e.splits))
         for vid, e in sorted(entries.items(), key=lambda kv: (kv[1].label, kv[0]))
     )
-    return Manifest(classes=tuple(classes), split_names=tuple(split_names), videos=videos)
+    manifest = Manifest(classes=tuple(classes), split_names=tuple(split_names), videos=videos)
+    return Listing(manifest, tuple(sorted(rejected, key=lambda r: r.video_id)))
 
 
 def _compile_group_pattern(pattern: str) -> re.Pattern[str]:
@@ -169,44 +255,30 @@ def _group_from_name(pattern: re.Pattern[str], name: str) -> str | None:
     return m.group(1) if m is not None and m.group(1) else None
 
 
-@dataclass
-class _Item:
-    """A video of a folder or CSV dataset before it is split."""
-
-    video_id: str
-    path: Path
-    label: int
-    group: str
-    source: str
-
-
-def _check_unique(items: Sequence[_Item]) -> None:
-    seen: dict[str, _Item] = {}
-    for item in items:
-        first = seen.setdefault(item.video_id, item)
-        if first is not item:
-            raise DatasetError(
-                f"{item.source}: duplicate video_id {item.video_id!r}: {first.path} and {item.path}"
-            )
-
-
-def _split_items(
-    items: list[_Item], *, grouped: bool, test_fraction: float, seed: int
-) -> dict[str, _Entry]:
-    items.sort(key=lambda it: (it.label, it.video_id))
+def _split_entries(
+    entries: dict[str, _Entry], *, grouped: bool, test_fraction: float, seed: int
+) -> None:
+    """Fill in the single split's role of every entry with ``split_train_test``, in
+    (label, id) order so that the split depends on the dataset, not on listing order."""
+    order = sorted(entries, key=lambda vid: (entries[vid].label, vid))
     roles = split_train_test(
-        [it.label for it in items],
-        [it.group for it in items] if grouped else None,
+        [entries[vid].label for vid in order],
+        [entries[vid].group for vid in order] if grouped else None,
         test_fraction=test_fraction,
         seed=seed,
     )
-    return {
-        it.video_id: _Entry(it.path, it.label, it.group, it.source, [role])
-        for it, role in zip(items, roles, strict=True)
-    }
+    for vid, role in zip(order, roles, strict=True):
+        entries[vid].splits[0] = role
 
 
-def _summary(name: str, m: Manifest) -> None:
+def _summary(name: str, listing: Listing) -> Listing:
+    m = listing.manifest
+    if listing.rejected:
+        log.warning(
+            "%s: %d video id(s) left out (duplicates or unusable names; prepare records them)",
+            name,
+            len(listing.rejected),
+        )
     for k, s in enumerate(m.split_names):
         roles = Counter(v.splits[k] for v in m.videos)
         log.info(
@@ -218,18 +290,22 @@ def _summary(name: str, m: Manifest) -> None:
             roles["test"],
             roles["unused"],
         )
+    return listing
 
 
 # ----------------------------------------------------------------------------- adapters
 
 
-def ucf101_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> Manifest:
+_OFFICIAL_RULE = "ids of UCF101 and HMDB51 videos are their file names"
+
+
+def ucf101_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> Listing:
     """UCF101 from its official ``classInd.txt``, ``trainlist0N.txt`` and ``testlist0N.txt``.
 
     root: the folder holding one sub-folder per class (need not exist yet). The label of a video
     is its folder's class (matched to classInd.txt ignoring case); a label in a train list must
     agree with it. group is the "gXX" of the file name. A video in no list of a split is "unused"
-    there.
+    there. Ids are file names (``name_id``): ``v_ApplyEyeMakeup_g08_c01``.
     """
     numbers = _check_split_numbers(splits)
     splits_dir = Path(splits_dir)
@@ -252,7 +328,7 @@ def ucf101_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> M
         if lookup.setdefault(c.lower(), i) != i:
             raise DatasetError(f"{class_file}: class {c!r} appears twice (ignoring case)")
 
-    entries: dict[str, _Entry] = {}
+    rows: list[_Row] = []
     for k, n in enumerate(numbers):
         for role, list_file in (
             ("train", splits_dir / f"trainlist{n:02d}.txt"),
@@ -282,27 +358,28 @@ def ucf101_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> M
                             f"(class {label + 1} in {class_file.name})"
                         )
                 m = _UCF_GROUP.search(rel.stem)
-                _add_entry(
-                    entries,
-                    video_id=safe_id(rel.stem),
-                    path=resolver.join(rel),
-                    label=label,
-                    group=m.group(1).lower() if m else "",
-                    split_index=k,
-                    role=role,
-                    n_splits=len(numbers),
-                    source=where,
+                rows.append(
+                    _Row(
+                        video_id=name_id(rel.stem),
+                        path=resolver.join(rel),
+                        label=label,
+                        group=m.group(1).lower() if m else "",
+                        source=where,
+                        split_index=k,
+                        role=role,
+                    )
                 )
-    manifest = _manifest_from_entries(classes, [str(n) for n in numbers], entries)
-    _summary("UCF101", manifest)
-    return manifest
+    names = [str(n) for n in numbers]
+    entries, rejected = _collect(rows, split_names=names, rule=_OFFICIAL_RULE, fold_case=True)
+    return _summary("UCF101", _listing(classes, names, entries, rejected))
 
 
-def hmdb51_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> Manifest:
+def hmdb51_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> Listing:
     """HMDB51 from its official ``<class>_test_split<N>.txt`` files (1 train, 2 test, 0 unused).
 
     Classes are the sorted class names of the split files; path is root/<class>/<video>; HMDB51
-    has no groups, so group is "".
+    has no groups, so group is "". Ids are file names (``name_id``), "!", "(", "[" and the like
+    as "_".
     """
     numbers = _check_split_numbers(splits)
     splits_dir = Path(splits_dir)
@@ -321,7 +398,7 @@ def hmdb51_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> M
         raise DatasetError(f"{splits_dir}: missing split files ({wanted})")
     label_of = {c: i for i, c in enumerate(classes)}
 
-    entries: dict[str, _Entry] = {}
+    rows: list[_Row] = []
     for k, n in enumerate(numbers):
         for cls in classes:
             list_file = splits_dir / f"{cls}_test_split{n}.txt"
@@ -333,20 +410,23 @@ def hmdb51_manifest(*, root: Path, splits_dir: Path, splits: Sequence[int]) -> M
                 if len(fields) != 2 or fields[1] not in _HMDB_MARKERS:
                     raise DatasetError(f"{where}: expected '<video> <0|1|2>', got {line!r}")
                 rel = PurePosixPath(cls) / fields[0]
-                _add_entry(
-                    entries,
-                    video_id=safe_id(PurePosixPath(fields[0]).stem),
-                    path=resolver.join(rel),
-                    label=label_of[cls],
-                    group="",
-                    split_index=k,
-                    role=_HMDB_MARKERS[fields[1]],
-                    n_splits=len(numbers),
-                    source=where,
+                rows.append(
+                    _Row(
+                        video_id=name_id(PurePosixPath(fields[0]).stem),
+                        path=resolver.join(rel),
+                        label=label_of[cls],
+                        group="",
+                        source=where,
+                        split_index=k,
+                        role=_HMDB_MARKERS[fields[1]],
+                    )
                 )
-    manifest = _manifest_from_entries(classes, [str(n) for n in numbers], entries)
-    _summary("HMDB51", manifest)
-    return manifest
+    names = [str(n) for n in numbers]
+    entries, rejected = _collect(rows, split_names=names, rule=_OFFICIAL_RULE, fold_case=True)
+    return _summary("HMDB51", _listing(classes, names, entries, rejected))
+
+
+_PATH_RULE = "ids are paths under the root without their extension"
 
 
 def folder_manifest(
@@ -356,12 +436,14 @@ def folder_manifest(
     test_fraction: float,
     seed: int,
     extensions: Sequence[str] = VIDEO_EXTENSIONS,
-) -> Manifest:
+) -> Listing:
     """One sub-folder of ``root`` per class (sorted by name), its videos found recursively.
 
     Single split "1", made by ``split_train_test``. With ``group_pattern`` (a regex with one
     capture group, searched in the file name) the split keeps groups apart, and a file name it
     does not match is an error. Hidden files and folders are skipped; videos are never opened.
+    Ids are paths under ``root`` (``path_id``): ``walking/clip_01``. A file whose name is not
+    UTF-8 is left out (``Rejected``): its path could not be written into the manifest.
     """
     root = Path(root).absolute()
     if not root.is_dir():
@@ -375,7 +457,14 @@ def folder_manifest(
     )
     if not class_dirs:
         raise DatasetError(f"{root}: no class sub-folders")
-    items: list[_Item] = []
+    for d in class_dirs:
+        if shown(Path(d.name)) != d.name:
+            raise DatasetError(
+                f"{shown(d)}: class folder name is not UTF-8 text; rename it (the class name "
+                "is written into the manifest and the results)"
+            )
+    rows: list[_Row] = []
+    unreadable: list[Rejected] = []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(
             p
@@ -387,6 +476,12 @@ def folder_manifest(
         if not files:
             log.warning("%s: class folder holds no video (%s)", class_dir, ", ".join(sorted(exts)))
         for p in files:
+            vid = path_id(PurePosixPath(*p.relative_to(root).parts))
+            if shown(p) != str(p):
+                reason = f"{shown(p)}: file name is not UTF-8 text, left out; rename it"
+                log.warning("%s", reason)
+                unreadable.append(Rejected(vid, (p,), reason))
+                continue
             group = ""
             if pattern is not None:
                 found = _group_from_name(pattern, p.name)
@@ -395,16 +490,13 @@ def folder_manifest(
                         f"{p}: file name does not match group_pattern {pattern.pattern!r}"
                     )
                 group = found
-            items.append(_Item(safe_id(p.stem), p, label, group, str(p)))
-    if not items:
+            rows.append(_Row(vid, p, label, group, source=str(p)))
+    if not rows and not unreadable:
         raise DatasetError(f"{root}: no video files ({', '.join(sorted(exts))}) in class folders")
-    _check_unique(items)
-    entries = _split_items(
-        items, grouped=pattern is not None, test_fraction=test_fraction, seed=seed
-    )
-    manifest = _manifest_from_entries([d.name for d in class_dirs], ["1"], entries)
-    _summary(f"folder {root}", manifest)
-    return manifest
+    entries, rejected = _collect(rows, split_names=["1"], rule=_PATH_RULE)
+    _split_entries(entries, grouped=pattern is not None, test_fraction=test_fraction, seed=seed)
+    classes = [d.name for d in class_dirs]
+    return _summary(f"folder {root}", _listing(classes, ["1"], entries, rejected + unreadable))
 
 
 def csv_manifest(
@@ -414,7 +506,7 @@ def csv_manifest(
     test_fraction: float,
     seed: int,
     group_pattern: str | None = None,
-) -> Manifest:
+) -> Listing:
     """A CSV table with a header row ``path,label[,split][,group]`` (any column order).
 
     label is a class name (classes sorted by name); relative paths resolve against ``root``, or
@@ -422,6 +514,10 @@ def csv_manifest(
     column the single split "1" is made by ``split_train_test``, keeping groups apart when a
     group column or ``group_pattern`` (searched in the file name) gives them. An empty group
     cell is a group of its own. Bad rows raise DatasetError("<csv>:<line>: <reason>").
+
+    Ids are paths under the root without extension (``path_id``; a path outside it: its
+    absolute path less the leading "/"). Rows that give one id (a file listed twice, ``a.avi``
+    beside ``a.mp4``) are left out together as one ``Rejected``.
     """
     csv_path = Path(csv_path)
     base = Path(root if root is not None else csv_path.parent).absolute()
@@ -441,7 +537,7 @@ def csv_manifest(
     if pattern is not None and "group" in columns:
         raise DatasetError(f"{csv_path}: has a group column and group_pattern is set; use one")
 
-    rows: list[tuple[str, Path, str, str, str]] = []  # source, path, label name, group, split
+    parsed: list[tuple[str, Path, str, str, str]] = []  # source, path, label, group, split
     for row in reader:
         where = f"{csv_path}:{reader.line_num}"
         if not any(cell.strip() for cell in row):
@@ -465,25 +561,32 @@ def csv_manifest(
                     f"{where}: {path.name} does not match group_pattern {pattern.pattern!r}"
                 )
             group = found
-        rows.append((where, path, cell["label"], group, role))
-    if not rows:
+        parsed.append((where, path, cell["label"], group, role))
+    if not parsed:
         raise DatasetError(f"{csv_path}: no data rows after the header")
 
-    classes = sorted({label for _, _, label, _, _ in rows})
+    classes = sorted({label for _, _, label, _, _ in parsed})
     label_of = {c: i for i, c in enumerate(classes)}
-    items = [
-        _Item(safe_id(path.stem), path, label_of[label], group, where)
-        for where, path, label, group, _ in rows
+    rows = [
+        _Row(_csv_id(path, base, where), path, label_of[label], group, where, role=role)
+        for where, path, label, group, role in parsed
     ]
-    _check_unique(items)
-    if has_split:
-        entries = {
-            it.video_id: _Entry(it.path, it.label, it.group, it.source, [role])
-            for it, (_, _, _, _, role) in zip(items, rows, strict=True)
-        }
-    else:
+    entries, rejected = _collect(rows, split_names=["1"], rule=_PATH_RULE)
+    if not has_split:
         grouped = pattern is not None or "group" in columns
-        entries = _split_items(items, grouped=grouped, test_fraction=test_fraction, seed=seed)
-    manifest = _manifest_from_entries(classes, ["1"], entries)
-    _summary(f"csv {csv_path}", manifest)
-    return manifest
+        _split_entries(entries, grouped=grouped, test_fraction=test_fraction, seed=seed)
+    return _summary(f"csv {csv_path}", _listing(classes, ["1"], entries, rejected))
+
+
+def _csv_id(path: Path, base: Path, where: str) -> str:
+    """The id of a CSV row's video: its path under ``base``, or, outside it, its absolute path
+    less the leading "/" (lexically normalised, so ``./a.avi`` and ``a.avi`` are one file)."""
+    norm = PurePosixPath(os.path.normpath(path))
+    try:
+        rel = norm.relative_to(os.path.normpath(base))
+    except ValueError:
+        rel = norm.relative_to(norm.anchor)
+    try:
+        return path_id(rel)
+    except ValueError as e:
+        raise DatasetError(f"{where}: path {shown(path)} names no video file ({e})") from None

@@ -14,16 +14,15 @@ import logging
 import operator
 import os
 import random
-import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 log = logging.getLogger(__name__)
 
 PARTS = ("train", "test", "unused")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _CLASSES_PREFIX = "#classes="
 _FIXED_COLUMNS = ("video_id", "path", "label", "label_name", "group")
 
@@ -32,14 +31,116 @@ class DatasetError(ValueError):
     """A dataset description is wrong; the message is '<file>[:<line>]: <reason>'."""
 
 
-def safe_id(name: str) -> str:
-    """``name`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_``."""
-    return _UNSAFE.sub("_", name)
+# ----------------------------------------------------------------------------- video ids
+#
+# An id is a '/'-separated path of NFC-normalised Unicode components. It is a key in CSV and
+# JSON files and in the caches (which store each video under a hash of its id, never under the
+# id itself), so it must survive them unchanged and read the same in a log: no control or
+# invisible formatting characters, no empty, "." or ".." components, no component that starts
+# with "." or starts or ends with white space. Characters that would break one of these rules are
+# percent-escaped (UTF-8 bytes as %XX, and "%" itself as %25), not replaced: replacing them with
+# "_" made distinct names one id and aborted the whole prepare stage.
+
+# Controls (Cc), surrogates (Cs: bytes of a file name that is not UTF-8), line and paragraph
+# separators (Zl, Zp: str.splitlines breaks on them) and invisible formatting (Cf: direction
+# marks make an id display reversed). Unassigned code points (Cn) are kept: which ones are
+# unassigned depends on the Python version, and an id must not.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Cf", "Zl", "Zp"})
+# The zero-width (non-)joiners are Cf but part of the correct spelling of Persian and Indic
+# words and of emoji sequences.
+_KEPT_FORMAT = frozenset({"\u200c", "\u200d"})
+
+
+def _unsafe_char(c: str) -> bool:
+    return unicodedata.category(c) in _ESCAPED_CATEGORIES and c not in _KEPT_FORMAT
+
+
+def _percent(c: str) -> str:
+    if "\udc80" <= c <= "\udcff":  # a byte os.fsdecode could not decode: escape that byte
+        data = c.encode("utf-8", "surrogateescape")
+    else:
+        data = c.encode("utf-8", "surrogatepass")
+    return "".join(f"%{b:02X}" for b in data)
+
+
+def _escape_component(part: str) -> str:
+    """One path component of an id: unsafe characters, "%", a leading "." and white space at
+    either end percent-escaped. Injective: distinct components give distinct results."""
+    n = len(part)
+    lead = 0
+    while lead < n and part[lead].isspace():
+        lead += 1
+    trail = n
+    while trail > lead and part[trail - 1].isspace():
+        trail -= 1
+    out: list[str] = []
+    escaped = False
+    for i, c in enumerate(part):
+        # A combining mark right after an escape would compose with its last hex digit under
+        # NFC ("%0A" + U+0301 -> "%0Á"), and the id would no longer be NFC: escape it too.
+        escaped = (
+            c == "%"
+            or _unsafe_char(c)
+            or i < lead
+            or i >= trail
+            or (i == 0 and c == ".")
+            or (escaped and unicodedata.combining(c) != 0)
+        )
+        out.append(_percent(c) if escaped else c)
+    return "".join(out)
+
+
+def path_id(rel: PurePosixPath | str) -> str:
+    """The id of a video at ``rel``, its path relative to the dataset root (folder and CSV
+    datasets): that path without its extension, NFC-normalised, each component escaped
+    (``walking/clip_01.avi`` -> ``walking/clip_01``, ``бег_01.avi`` -> ``бег_01``).
+
+    Distinct paths give distinct ids, except paths that differ only in their extension or
+    are equal after NFC normalisation. Raises ValueError for a path with no file name or with a
+    ".." component (it would not be relative to the root)."""
+    rel = PurePosixPath(unicodedata.normalize("NFC", str(rel)))
+    if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+        raise ValueError(f"{str(rel)!r} is not a relative path below the dataset root")
+    if rel.suffix:
+        rel = rel.with_suffix("")
+    return "/".join(_escape_component(part) for part in rel.parts)
+
+
+def name_id(name: str) -> str:
+    """The id of a UCF101 or HMDB51 video from its file name without extension: ASCII
+    characters other than ``[A-Za-z0-9_.-]`` become ``_``, as ids of these datasets have always
+    been made, so caches made before stay valid (the official names are unique under this rule:
+    tested on the split files); other characters are kept and escaped as ``path_id`` does."""
+    name = unicodedata.normalize("NFC", name)
+    name = "".join("_" if c.isascii() and not (c.isalnum() or c in "_.-") else c for c in name)
+    return _escape_component(name)
+
+
+def id_problem(video_id: object) -> str | None:
+    """Why ``video_id`` cannot be a video id, or None when it can: what ``path_id`` and
+    ``name_id`` make always can, and so can every id of a manifest written before ids were
+    paths (``[A-Za-z0-9_.-]``, not starting with ".")."""
+    if not isinstance(video_id, str) or not video_id:
+        return "is empty or not a string"
+    bad = next((c for c in video_id if _unsafe_char(c)), None)
+    if bad is not None:
+        return f"holds the control or formatting character U+{ord(bad):04X}"
+    if not unicodedata.is_normalized("NFC", video_id):
+        return "is not NFC-normalised Unicode"
+    for part in video_id.split("/"):
+        if not part:
+            return "has an empty path component (a leading, trailing or double '/')"
+        if part.startswith("."):
+            return f"has a path component {part!r} that starts with '.'"
+        if part != part.strip():
+            return f"has a path component {part!r} that starts or ends with white space"
+    return None
 
 
 @dataclass(frozen=True)
 class VideoRecord:
-    """One video: a storage-safe id, its absolute path, its class and its role in each split.
+    """One video: its id (see ``path_id``, ``name_id``), its absolute path, its class and its
+    role in each split.
 
     splits: one of "train" / "test" / "unused" per ``Manifest.split_names`` entry, same order.
     """
@@ -59,12 +160,9 @@ class VideoRecord:
             object.__setattr__(self, "label", operator.index(self.label))
         except TypeError:
             raise DatasetError(f"{self.path}: label {self.label!r} is not an integer") from None
-        if (
-            not self.video_id
-            or self.video_id in (".", "..")
-            or safe_id(self.video_id) != self.video_id
-        ):
-            raise DatasetError(f"{self.path}: video_id {self.video_id!r} is not a safe id")
+        problem = id_problem(self.video_id)
+        if problem is not None:
+            raise DatasetError(f"{self.path}: video_id {self.video_id!r} {problem}")
         if not self.path.is_absolute():
             raise DatasetError(f"{self.path}: video path is not absolute")
         if self.label < 0:
@@ -313,7 +411,11 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
 
 
 def read_manifest(path: Path) -> Manifest:
-    """Read a manifest written by ``write_manifest``; the exact inverse."""
+    """Read a manifest written by ``write_manifest``; the exact inverse.
+
+    The format did not change when folder and CSV ids became paths, and every id of an older
+    manifest is still a valid id, so an older manifest is read with the ids it has; prepare
+    writes the new ones when it runs again (DVC re-runs it: its code is a dependency)."""
     path = Path(path)
     first, _, rest = _read_text(path).partition("\n")
     if not first.startswith(_CLASSES_PREFIX):

@@ -40,7 +40,7 @@ class ScoreTable:
 
 def write_scores(path: Path, table: ScoreTable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:  # ids: any Unicode letter
         w = csv.writer(fh)
         w.writerow(
             [
@@ -57,7 +57,7 @@ def write_scores(path: Path, table: ScoreTable) -> None:
 
 
 def read_scores(path: Path) -> ScoreTable:
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if not rows or rows[0][:4] != ["split", "subset", "video_id", "label"]:
         raise ValueError(f"{path}: not a score table (header {rows[0][:4] if rows else 'missing'})")

@@ -25,7 +25,7 @@ def _check(item: tuple[str, str, int, str, int, int], cfg: DecodeConfig) -> Plan
 def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts:
     check_resize(cfg.resize)
     m = read_manifest(manifest)
-    with probe.open(newline="") as fh:
+    with probe.open(newline="", encoding="utf-8") as fh:  # ids hold any Unicode letter
         rows = {r["video_id"]: r for r in csv.DictReader(fh)}
     items = []
     for v in m.videos:

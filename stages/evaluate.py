@@ -114,11 +114,11 @@ def main(
             }
             for name in sorted(per_class)
         }
-    (out / "results.md").write_text(results_table(metrics, groups))
+    (out / "results.md").write_text(results_table(metrics, groups), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     names = sorted(per_class)
-    with (out / "per_class.csv").open("w", newline="") as fh:
+    with (out / "per_class.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["class", *names])
         for k, cls in enumerate(classes):
@@ -128,7 +128,7 @@ def main(
     tests = [table.select(split=s, subset="test") for s in table.splits()]
     pred = np.concatenate([t.scores.argmax(1) for t in tests])
     true = np.concatenate([t.label for t in tests])
-    with (out / "confusion.csv").open("w", newline="") as fh:
+    with (out / "confusion.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["actual", "predicted"])
         w.writerows([classes[a], classes[p]] for a, p in zip(true, pred, strict=True))

@@ -1,5 +1,6 @@
 """prepare: build the manifest (video id, path, label, split, group), probe every video, record
-the ones that cannot be opened or have no frames, and exclude them."""
+the ones that cannot be opened or have no frames, and the dataset rows that cannot be one video
+(two rows giving one id), and exclude them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.video import probe
 log = logging.getLogger("prepare")
 
 
-def build_manifest(cfg: DatasetConfig, out: Path) -> datasets.Manifest:
+def build_listing(cfg: DatasetConfig, out: Path) -> datasets.Listing:
     """The dataset adapter named by ``cfg.name``; the demo is generated under ``out/demo``."""
 
     def need(value: str | None, key: str) -> Path:
@@ -67,20 +68,30 @@ def _probe(path: Path) -> dict:
     return {**asdict(probe(path)), "sha256": file_sha256(path)}
 
 
+def _probe_video(video: datasets.VideoRecord) -> dict:
+    # by record, not by path: the result goes to the record's id without a path -> id lookup
+    return _probe(video.path)
+
+
 def main(cfg: DatasetConfig, out: Path) -> Counts:
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(cfg, out)
-    paths = [v.path for v in manifest.videos]
-    by_path = {v.path: v for v in manifest.videos}
+    listing = build_listing(cfg, out)
+    manifest = listing.manifest
+    # One failure per id left out, its reason naming every row that gave it.
+    failures = [
+        Failure(r.video_id, datasets.shown(r.paths[0]), "prepare", r.reason)
+        for r in listing.rejected
+    ]
     probes: dict[str, dict] = {}
-    failures = []
-    for path, info, err in map_videos(_probe, paths, workers=cfg.probe_workers, desc="probe"):
-        vid = by_path[path].video_id
+    for video, info, err in map_videos(
+        _probe_video, list(manifest.videos), workers=cfg.probe_workers, desc="probe"
+    ):
         if err:
-            failures.append(Failure(vid, str(path), "prepare", err))
+            failures.append(Failure(video.video_id, str(video.path), "prepare", err))
         else:
-            probes[vid] = info
-    with (out / "probe.csv").open("w", newline="") as fh:
+            probes[video.video_id] = info
+    # utf-8 whatever the locale: ids hold any Unicode letter, and decode reads this file back
+    with (out / "probe.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["video_id", "frames", "fps", "width", "height", "duration", "sha256"])
         for vid in sorted(probes):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -9,12 +12,12 @@ import pytest
 
 from pipeline.datasets import (
     DatasetError,
+    Listing,
     Manifest,
     csv_manifest,
     folder_manifest,
     hmdb51_manifest,
     read_manifest,
-    safe_id,
     ucf101_manifest,
     write_manifest,
 )
@@ -33,19 +36,34 @@ def _splits_dir(name: str) -> Path:
 @pytest.fixture(scope="module")
 def ucf(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     root = tmp_path_factory.mktemp("ucf") / "UCF-101"  # does not exist: files are not required
-    return ucf101_manifest(root=root, splits_dir=_splits_dir("ucf101_splits"), splits=[1, 2, 3])
+    listing = ucf101_manifest(root=root, splits_dir=_splits_dir("ucf101_splits"), splits=[1, 2, 3])
+    assert listing.rejected == ()
+    return listing.manifest
 
 
 @pytest.fixture(scope="module")
 def hmdb(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     root = tmp_path_factory.mktemp("hmdb") / "hmdb51"
-    return hmdb51_manifest(root=root, splits_dir=_splits_dir("hmdb51_splits"), splits=[1, 2, 3])
+    listing = hmdb51_manifest(root=root, splits_dir=_splits_dir("hmdb51_splits"), splits=[1, 2, 3])
+    assert listing.rejected == ()
+    return listing.manifest
 
 
 def _touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")  # empty: an adapter that opened videos would fail on these
     return path
+
+
+def _manifest(listing: Listing) -> Manifest:
+    """The manifest of an adapter that left nothing out."""
+    assert listing.rejected == (), listing.rejected
+    return listing.manifest
+
+
+# The rule ids were made by before they became paths: every character outside [A-Za-z0-9_.-]
+# as "_". UCF101 and HMDB51 ids must still follow it, or their existing caches would be lost.
+_OLD_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def _roles(m: Manifest, split: str = "1") -> dict[str, str]:
@@ -85,6 +103,8 @@ def test_ucf101_records(ucf: Manifest) -> None:
     hs = by_id["v_HandStandPushups_g01_c01"]
     assert ucf.classes[hs.label] == "HandstandPushups"
     assert all(len(v.group) == 3 and v.group.startswith("g") for v in ucf.videos)
+    # ids are file names, as before ids were paths: existing caches keep their entries
+    assert all(v.video_id == _OLD_ID.sub("_", v.path.stem) for v in ucf.videos)
 
 
 def test_ucf101_split1_groups_disjoint(ucf: Manifest) -> None:
@@ -118,7 +138,7 @@ def test_ucf101_case_insensitive_classes_and_real_file_spelling(tmp_path: Path) 
     )
     root = tmp_path / "videos"
     real = _touch(root / "HandstandPushups" / "v_HandStandPushups_g01_c01.avi")
-    m = ucf101_manifest(root=root, splits_dir=splits, splits=[1])
+    m = _manifest(ucf101_manifest(root=root, splits_dir=splits, splits=[1]))
     by_id = {v.video_id: v for v in m.videos}
     test_video = by_id["v_HandStandPushups_g01_c01"]
     assert test_video.label == 1 and test_video.splits == ("test",) and test_video.group == "g01"
@@ -134,6 +154,33 @@ def test_ucf101_label_disagreeing_with_folder_names_file_and_line(tmp_path: Path
     )
     with pytest.raises(DatasetError, match=r"trainlist01\.txt:2: label '2' disagrees"):
         ucf101_manifest(root=tmp_path, splits_dir=splits, splits=[1])
+
+
+def test_ucf101_a_video_listed_twice_is_one_rejection_and_the_rest_goes_on(tmp_path: Path) -> None:
+    splits = _mini_ucf(
+        tmp_path,
+        [
+            "Archery/v_Archery_g08_c01.avi 1",
+            "Archery/v_Archery_g08_c02.avi 1",
+            "Archery/v_Archery_g08_c01.avi 1",  # again, in the same split
+            "HandstandPushups/v_Archery_g09_c01.avi 2",  # one name in two class folders
+            "Archery/v_Archery_g09_c01.avi 1",
+        ],
+    )
+    listing = ucf101_manifest(root=tmp_path / "videos", splits_dir=splits, splits=[1])
+    assert sorted(v.video_id for v in listing.manifest.videos) == [
+        "v_Archery_g08_c02",
+        "v_HandStandPushups_g01_c01",
+    ]
+    twice, clash = listing.rejected
+    assert twice.video_id == "v_Archery_g08_c01" and len(twice.paths) == 2
+    assert "the same file listed more than once" in twice.reason
+    assert "trainlist01.txt:1" in twice.reason and "trainlist01.txt:3" in twice.reason
+    assert clash.video_id == "v_Archery_g09_c01"
+    assert "different files that give one id" in clash.reason
+    for path in clash.paths:
+        assert str(path) in clash.reason
+    assert {p.parent.name for p in clash.paths} == {"Archery", "HandstandPushups"}
 
 
 # ----------------------------------------------------------------------------- HMDB51
@@ -155,8 +202,8 @@ def test_hmdb51_records(hmdb: Manifest) -> None:
     assert hmdb.classes[v.label] == "brush_hair"
     assert v.path.parent.name == "brush_hair" and v.group == ""
     assert v.splits[0] == "train"
-    # names full of "!" and "[" still give safe, unique ids
-    assert all(safe_id(x.video_id) == x.video_id for x in hmdb.videos)
+    # names full of "!" and "[" give the ids they always had (existing caches stay valid)
+    assert all(x.video_id == _OLD_ID.sub("_", x.path.stem) for x in hmdb.videos)
     assert len({x.video_id for x in hmdb.videos}) == len(hmdb.videos) == 6766
 
 
@@ -184,9 +231,14 @@ def test_folder_group_split_keeps_groups_apart_and_is_seeded(tmp_path: Path) -> 
     _folder_tree(tmp_path)
     _touch(tmp_path / "run" / "notes.txt")  # not a video
     _touch(tmp_path / ".hidden" / "v_x_g01_c01.avi")  # not a class
-    m = folder_manifest(root=tmp_path, group_pattern=r"_g(\d+)_", test_fraction=0.25, seed=0)
+    m = _manifest(
+        folder_manifest(root=tmp_path, group_pattern=r"_g(\d+)_", test_fraction=0.25, seed=0)
+    )
     assert m.classes == ("jump", "run", "walk") and m.split_names == ("1",)
     assert len(m.videos) == 45
+    assert {v.video_id for v in m.videos if v.label == 0} == {
+        f"jump/v_jump_g{g:02d}_c{c:02d}" for g in range(1, 6) for c in range(1, 4)
+    }
     assert all(v.path.is_absolute() and v.path.suffix == ".avi" for v in m.videos)
     train = {v.group for v in m.subset("1", "train")}
     test = {v.group for v in m.subset("1", "test")}
@@ -195,14 +247,14 @@ def test_folder_group_split_keeps_groups_apart_and_is_seeded(tmp_path: Path) -> 
         roles = {v.splits[0] for v in m.videos if v.label == label}
         assert roles == {"train", "test"}
     again = folder_manifest(root=tmp_path, group_pattern=r"_g(\d+)_", test_fraction=0.25, seed=0)
-    assert again == m
+    assert again.manifest == m
     splits_by_seed = {
         tuple(
             sorted(
                 _roles(
                     folder_manifest(
                         root=tmp_path, group_pattern=r"_g(\d+)_", test_fraction=0.25, seed=s
-                    )
+                    ).manifest
                 ).items()
             )
         )
@@ -215,7 +267,8 @@ def test_folder_stratified_split_without_pattern(tmp_path: Path) -> None:
     for cls, n in (("a", 10), ("b", 2), ("c", 1)):
         for i in range(n):
             _touch(tmp_path / cls / "sub" / f"{cls}{i}.mp4")  # recursive
-    m = folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.2, seed=1)
+    m = _manifest(folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.2, seed=1))
+    assert "a/sub/a0" in {v.video_id for v in m.videos}
     counts = {
         c: Counter(v.splits[0] for v in m.videos if m.classes[v.label] == c) for c in m.classes
     }
@@ -233,12 +286,64 @@ def test_folder_unmatched_file_is_named(tmp_path: Path) -> None:
     assert str(odd) in str(err.value)
 
 
-def test_folder_duplicate_ids_name_both_paths(tmp_path: Path) -> None:
-    a = _touch(tmp_path / "x" / "clip 1.avi")
-    b = _touch(tmp_path / "y" / "clip_1.mp4")
-    with pytest.raises(DatasetError, match="duplicate video_id") as err:
-        folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.5, seed=0)
-    assert str(a) in str(err.value) and str(b) in str(err.value)
+def test_folder_names_that_made_one_id_now_make_distinct_ids(tmp_path: Path) -> None:
+    """One name in two class folders, names that differed only in characters the old ids
+    replaced with "_", and Cyrillic names (all "___01" before) are distinct videos."""
+    for rel in (
+        "walking/clip_01.avi",
+        "running/clip_01.avi",
+        "walking/clip 1.avi",
+        "walking/clip_1.mp4",
+        "running/бег_01.avi",
+        "walking/ход_01.avi",
+        "бег/бег_01.avi",
+    ):
+        _touch(tmp_path / rel)
+    m = _manifest(folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.5, seed=0))
+    assert sorted(v.video_id for v in m.videos) == sorted(
+        [
+            "walking/clip_01",
+            "running/clip_01",
+            "walking/clip 1",
+            "walking/clip_1",
+            "running/бег_01",
+            "walking/ход_01",
+            "бег/бег_01",
+        ]
+    )
+
+
+def test_folder_ids_that_still_collide_are_one_rejection_naming_both(tmp_path: Path) -> None:
+    """Two files whose paths differ only in the extension, or only in Unicode normalisation,
+    give one id: that id is left out as one rejection naming both files, the rest go on."""
+    a = _touch(tmp_path / "x" / "clip.avi")
+    b = _touch(tmp_path / "x" / "clip.mp4")
+    nfc = _touch(tmp_path / "y" / unicodedata.normalize("NFC", "café.avi"))
+    nfd = _touch(tmp_path / "y" / unicodedata.normalize("NFD", "café.avi"))
+    _touch(tmp_path / "x" / "other.avi")
+    _touch(tmp_path / "y" / "other.avi")
+    listing = folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.5, seed=0)
+    assert sorted(v.video_id for v in listing.manifest.videos) == ["x/other", "y/other"]
+    ext, norm = listing.rejected
+    assert ext.video_id == "x/clip" and set(ext.paths) == {a, b}
+    assert str(a) in ext.reason and str(b) in ext.reason and "extension" in ext.reason
+    assert norm.video_id == "y/café" and set(norm.paths) == {nfc, nfd}
+    assert "NFC" in norm.reason
+
+
+def test_folder_file_name_that_is_not_utf8_is_left_out(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        _touch(tmp_path / cls / "ok.avi")
+    try:
+        fd = os.open(os.fsencode(tmp_path / "a") + b"/caf\xe9.avi", os.O_CREAT | os.O_WRONLY)
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    os.close(fd)
+    listing = folder_manifest(root=tmp_path, group_pattern=None, test_fraction=0.5, seed=0)
+    assert sorted(v.video_id for v in listing.manifest.videos) == ["a/ok", "b/ok"]
+    (bad,) = listing.rejected
+    assert bad.video_id == "a/caf%E9" and "caf\\xe9.avi: file name is not UTF-8" in bad.reason
+    bad.reason.encode("utf-8")  # writable into failures.csv
 
 
 # ----------------------------------------------------------------------------- CSV adapter
@@ -253,17 +358,53 @@ def test_csv_with_split_column(tmp_path: Path) -> None:
         "clips/b.mp4,jump,TEST,s2\n"
         "/abs/c.mp4,walk,unused,\n"
     )
-    m = csv_manifest(csv_path=csv_path, root=None, test_fraction=0.3, seed=0)
+    m = _manifest(csv_manifest(csv_path=csv_path, root=None, test_fraction=0.3, seed=0))
     assert m.classes == ("jump", "walk")
     by_id = {v.video_id: v for v in m.videos}
-    assert by_id["a"].path == (tmp_path / "meta" / "clips" / "a.mp4").absolute()
-    assert by_id["a"].splits == ("train",) and by_id["a"].label == 1 and by_id["a"].group == "s1"
-    assert by_id["b"].splits == ("test",) and by_id["b"].label == 0
-    assert by_id["c"].path == Path("/abs/c.mp4") and by_id["c"].splits == ("unused",)
+    a, b = by_id["clips/a"], by_id["clips/b"]
+    assert a.path == (tmp_path / "meta" / "clips" / "a.mp4").absolute()
+    assert a.splits == ("train",) and a.label == 1 and a.group == "s1"
+    assert b.splits == ("test",) and b.label == 0
+    # outside the root: the absolute path less its leading "/"
+    assert by_id["abs/c"].path == Path("/abs/c.mp4") and by_id["abs/c"].splits == ("unused",)
     other_root = csv_manifest(csv_path=csv_path, root=tmp_path / "vids", test_fraction=0.3, seed=0)
-    assert {v.video_id: v for v in other_root.videos}["a"].path == (
+    assert {v.video_id: v for v in other_root.manifest.videos}["clips/a"].path == (
         tmp_path / "vids" / "clips" / "a.mp4"
     ).absolute()
+
+
+def test_csv_rows_that_give_one_id_are_one_rejection(tmp_path: Path) -> None:
+    """A file listed twice (even spelled differently), or two files that differ only in the
+    extension: each is one rejection naming every row, and the other rows go on."""
+    csv_path = tmp_path / "v.csv"
+    csv_path.write_text(
+        "path,label\n"
+        "walking/clip_01.avi,walk\n"
+        "running/clip_01.avi,run\n"
+        "walking/clip_02.avi,walk\n"
+        "./walking/clip_01.avi,walk\n"
+        "running/x.avi,run\n"
+        "running/x.mp4,run\n"
+        f"{tmp_path}/running/y.avi,run\n"
+        "running/y.avi,run\n"
+        "бег_01.avi,run\n"
+        "ход_01.avi,walk\n",
+        encoding="utf-8",
+    )
+    listing = csv_manifest(csv_path=csv_path, root=None, test_fraction=0.5, seed=0)
+    ids = sorted(v.video_id for v in listing.manifest.videos)
+    assert ids == ["running/clip_01", "walking/clip_02", "бег_01", "ход_01"]
+    by_id = {r.video_id: r for r in listing.rejected}
+    assert set(by_id) == {"walking/clip_01", "running/x", "running/y"}
+    assert f"{csv_path}:2" in by_id["walking/clip_01"].reason
+    assert f"{csv_path}:5" in by_id["walking/clip_01"].reason
+    assert "the same file listed more than once" in by_id["walking/clip_01"].reason
+    assert "extension" in by_id["running/x"].reason
+    assert {p.name for p in by_id["running/x"].paths} == {"x.avi", "x.mp4"}
+    assert "the same file listed more than once" in by_id["running/y"].reason
+    for r in listing.rejected:
+        for p in r.paths:
+            assert str(p) in r.reason
 
 
 def test_csv_without_split_column_splits_by_group(tmp_path: Path) -> None:
@@ -275,16 +416,16 @@ def test_csv_without_split_column_splits_by_group(tmp_path: Path) -> None:
     ]
     csv_path = tmp_path / "v.csv"
     csv_path.write_text("path,label,group\n" + "\n".join(rows) + "\n")
-    m = csv_manifest(csv_path=csv_path, root=tmp_path, test_fraction=0.3, seed=7)
+    m = _manifest(csv_manifest(csv_path=csv_path, root=tmp_path, test_fraction=0.3, seed=7))
     assert m.classes == ("a", "b") and len(m.videos) == 30
     train = {v.group for v in m.subset("1", "train")}
     test = {v.group for v in m.subset("1", "test")}
     assert train and test and not train & test
-    assert m == csv_manifest(csv_path=csv_path, root=tmp_path, test_fraction=0.3, seed=7)
+    assert m == csv_manifest(csv_path=csv_path, root=tmp_path, test_fraction=0.3, seed=7).manifest
 
     plain = tmp_path / "plain.csv"
     plain.write_text("path,label\n" + "\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
-    m2 = csv_manifest(csv_path=plain, root=tmp_path, test_fraction=0.3, seed=7)
+    m2 = _manifest(csv_manifest(csv_path=plain, root=tmp_path, test_fraction=0.3, seed=7))
     for label in range(2):
         roles = Counter(v.splits[0] for v in m2.videos if v.label == label)
         assert roles == {"train": 10, "test": 5}  # stratified: round(15 * 0.3) = 5 per class
