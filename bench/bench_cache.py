@@ -7,6 +7,11 @@
     The data is random normal cast to float16: it compresses worse than real features (whose
     ratio the (d) table shows for the caches found under --data). Reads go through the OS page
     cache (files were just written): this times decoding and the library, not the disk.
+(e) What the read checks cost at training read speed: a sequential read of the whole cache
+    (every video in id order, as training loads it) without any check, with the default check
+    (each pack's files against their size and CRC-32C when first opened), and with each entry's
+    sha1 checked too (``read(verify=True)``, what a resumed stage does); MB/s, best and median of
+    --rounds interleaved rounds (this machine is shared: single timings move by 10-20%).
 (d) For every cache under --data (``**/cache.json``, plus caches of the older per-video layout
     for comparison) and the synthetic caches of (c): videos, files, bytes, bytes per video, and
     an extrapolation to UCF101 (13,320 videos): files = ceil(13320 / videos_per_pack) *
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import open_cache
+import pipeline.cache
+from pipeline.cache import CacheError, open_cache
 
 UCF101 = 13_320
 FILES_PER_PACK = {"zarr": 2, "hdf5": 1}  # zarr.json + shard | one .h5
@@ -74,6 +80,46 @@ def bench_backend(
     return out
 
 
+CHECKS = ("none", "files", "files+sha1")
+
+
+def bench_checks(path: Path, rounds: int) -> dict[str, list[float]]:
+    """Seconds of a sequential read of the cache at ``path`` per check level, ``rounds`` times,
+    the levels interleaved so that a slow spell of the machine hits all of them alike."""
+    ids = open_cache(path, "r").keys()
+    out: dict[str, list[float]] = {k: [] for k in CHECKS}
+    try:
+        for _ in range(rounds):
+            for level in CHECKS:
+                # White-box switch: the file check is not optional in the library, the
+                # benchmark alone turns it off to time it.
+                pipeline.cache._CHECK_FILES = level != "none"
+                reader = open_cache(path, "r")  # fresh: nothing opened or checked yet
+                t = time.perf_counter()
+                for v in ids:
+                    reader.read(v, verify=level == "files+sha1")
+                out[level].append(time.perf_counter() - t)
+                reader.close()
+    finally:
+        pipeline.cache._CHECK_FILES = True
+    return out
+
+
+def print_checks(rows: list[tuple[str, str, float, dict[str, list[float]]]]) -> None:
+    print(
+        f"{'workload':<30} {'backend':<7} "
+        + " ".join(f"{k + ' MB/s':>22}" for k in CHECKS)
+        + f" {'files cost':>10} {'sha1 cost':>9}"
+    )
+    for name, backend, payload, t in rows:
+        best = {k: payload / 1e6 / min(v) for k, v in t.items()}
+        med = {k: payload / 1e6 / float(np.median(v)) for k, v in t.items()}
+        cells = " ".join(f"{best[k]:>10.0f} (med {med[k]:>5.0f})" for k in CHECKS)
+        # cost = how much slower than no check, from the medians
+        cost = [1 - med[k] / med["none"] for k in CHECKS[1:]]
+        print(f"{name:<30} {backend:<7} {cells} {cost[0]:>10.1%} {cost[1]:>9.1%}")
+
+
 def print_speed(rows: list[tuple[str, str, dict[str, float]]], videos: dict[str, int]) -> None:
     print(
         f"{'workload':<30} {'backend':<7} {'write MB/s':>10} {'videos/s':>9} "
@@ -107,8 +153,12 @@ def cache_sizes(roots: list[Path], per_pack: int) -> None:
         for path in pack_caches + legacy:
             files, size = _files_bytes(path)
             if path in pack_caches:
-                with open_cache(path, "r") as c:
-                    videos, layout = len(c), f"packs/{c.backend}"
+                try:
+                    with open_cache(path, "r") as c:
+                        videos, layout = len(c), f"packs/{c.backend}"
+                except CacheError as e:  # e.g. an older format, until its stage re-runs
+                    print(f"{str(path):<44} unreadable: {e}")
+                    continue
                 ucf_files = math.ceil(UCF101 / per_pack) * FILES_PER_PACK[c.backend] + 1
             else:
                 videos = sum(1 for p in path.glob("*/zarr.json"))
@@ -126,6 +176,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data"), help="folder searched for caches")
     ap.add_argument("--videos", type=int, default=1000, help="pooled-feature videos (maps: 1/5)")
     ap.add_argument("--videos-per-pack", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the (e) check timings")
     args = ap.parse_args()
     workloads = {
         "pooled (25, 1280) f16": (25, 1280),
@@ -135,14 +186,19 @@ def main() -> None:
     videos["conv maps (25, 512, 7, 7) f16"] = max(1, args.videos // 5)
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
         root = Path(tmp)
-        rows = []
+        rows, checks = [], []
         for i, (name, shape) in enumerate(workloads.items()):
             for backend in ("zarr", "hdf5"):
                 slug = ["pooled", "maps"][i]
                 r = bench_backend(root, backend, slug, shape, videos[name], args.videos_per_pack)
                 rows.append((name, backend, r))
+                t = bench_checks(root / f"{slug}-{backend}", args.rounds)
+                checks.append((name, backend, r["payload"], t))
         print(f"(c) speed, random normal float16, videos_per_pack={args.videos_per_pack}")
         print_speed(rows, videos)
+        print()
+        print(f"(e) sequential read of the whole cache by check, best (median) of {args.rounds}")
+        print_checks(checks)
         print()
         print(f"(d) files and bytes per cache; UCF101 = {UCF101} videos at this size")
         roots = [args.data] if args.data.is_dir() else []

@@ -4,14 +4,15 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every process; without them (p
 ``python -m stages.features``) the world is one process and nothing here talks to anyone.
 Each rank takes every WORLD_SIZE-th video of the sorted list, writes its own videos into the
 shared cache (per-video files: no two ranks write the same file), and rank 0 finishes the cache
-(compaction, failures file, counts) after a barrier.
+(compaction, failures file, counts) after a barrier. Rank 0 alone checks the entries a resumed
+run keeps and tells the others which they are, so every rank shards the same list.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.cache import FeatureCache, open_cache
+from pipeline.cache import CacheError, FeatureCache, open_cache
 
 T = TypeVar("T")
 
@@ -51,6 +52,14 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective: every rank waits for rank 0)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (a list of one without torchrun)."""
         if self.size == 1:
@@ -81,12 +90,34 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def open_shared_cache(world: World, path: Path, **kw: Any) -> FeatureCache:
-    """Open the cache every rank writes into: the primary first (it alone may start the cache
-    over or clean a killed run's leftovers), then, after a barrier, the others."""
-    cache = open_cache(path, "a", primary=True, **kw) if world.primary else None
-    world.barrier()
-    return cache if cache is not None else open_cache(path, "a", primary=False, **kw)
+def open_shared_cache(
+    world: World, path: Path, *, sources: Mapping[str, str], **kw: Any
+) -> tuple[FeatureCache, set[str]]:
+    """Open the cache every rank writes into -> (cache, ids already done).
+
+    ``sources``: {video id: fingerprint of its input}. A video is done when its entry was
+    computed from that input and reads back sound: the primary opens first (it alone may start
+    the cache over, clean a killed run's leftovers or drop damaged packs), reads every entry it
+    would keep with its digest checked (``up_to_date(verify=True)``; a damaged one is logged,
+    naming the video and the file, and recomputed), then sends the done ids to the others,
+    which open the cache after it."""
+    done: set[str] = set()
+    cache = None
+    if world.primary:
+        try:
+            cache = open_cache(path, "a", primary=True, **kw)
+            done = cache.up_to_date(sources, verify=True)
+        except BaseException as e:
+            # The other ranks wait in the broadcast below: tell them, rather than leave them
+            # waiting for days (TIMEOUT).
+            world.broadcast(f"rank 0 could not open {path}: {e}")
+            raise
+    got = world.broadcast(done)
+    if isinstance(got, str):
+        raise CacheError(got)
+    if cache is None:
+        cache = open_cache(path, "a", primary=False, **kw)
+    return cache, got
 
 
 def collect(world: World, failures: list[Any], written: int) -> tuple[list[Any], int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache import CacheError
 from pipeline.config import ConfigError, StreamFeaturesConfig, TrainConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.engine import (
@@ -56,7 +57,7 @@ def main(
         streams = open_streams(features, stream.split("+"), expected)
         check_head(head, model_kwargs, streams)
         feats = load_features(streams, [v.video_id for v in m.videos], steps=cfg.steps)
-    except StreamError as e:
+    except (StreamError, CacheError) as e:  # CacheError: a damaged cache, naming the file
         raise SystemExit(f"train: {e}") from None
     missing = [v.video_id for v in m.videos if v.video_id not in feats.videos]
     if missing:

@@ -3,6 +3,7 @@ packing and compaction, resume semantics, attrs checks, crash safety, several pr
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pipeline.cache
 from pipeline.cache import CacheError, FeatureCache, open_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +157,11 @@ def test_contains_rejects_the_root_itself(cache_path: Path, backend: str) -> Non
         assert "." not in c
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", ".x", ".tmp", ".."])
+# '/' is allowed (ids are paths under the dataset root: tests/test_ids.py); empty and "."-led
+# components, control characters and lone surrogates are not
+@pytest.mark.parametrize(
+    "bad", ["", "/a", "a/", "a//b", "a/../b", ".x", ".tmp", "..", "a\nb", "\udce9"]
+)
 def test_invalid_ids_are_rejected(cache_path: Path, backend: str, bad: str) -> None:
     with open_cache(cache_path, "w", attrs=ATTRS, backend=backend) as c:
         with pytest.raises(CacheError, match="invalid video id") as e:
@@ -509,13 +515,17 @@ def test_leftovers_of_a_crash_are_ignored_then_cleaned(
         shutil.copy(ghost / "packs" / pack, garbage)
     (cache_path / ".tmp").mkdir()
     (cache_path / ".tmp" / "v-0123456789abcdef.h5.12345").write_bytes(b"half a pack")
+    # ... and a process killed while replacing cache.json leaves its temporary file.
+    half_doc = cache_path / "cache.json.12345.tmp"
+    half_doc.write_text('{"format": 2, "pa')
     with open_cache(cache_path, "r") as c:
         assert c.keys() == ["a", "b"]
         assert "ghost" not in c
-    assert garbage.exists()  # a reader cleans nothing
+    assert garbage.exists() and half_doc.exists()  # a reader cleans nothing
     with open_cache(cache_path, "a", attrs=ATTRS, backend=backend) as c:
         assert not (cache_path / ".tmp").exists()
         assert not garbage.exists()
+        assert not half_doc.exists()
         assert c.keys() == ["a", "b"]
         np.testing.assert_array_equal(c.read("b"), _video("b"))
 
@@ -665,3 +675,266 @@ def test_two_processes_write_one_cache(tmp_path: Path, backend: str) -> None:
     _fill(single, ids, backend, videos_per_pack=16)
     assert _files(shared) == _files(single)
     assert len(_packs(shared)) == 4
+
+
+# -- damaged files: found, named with their videos, recomputed on resume ---------------------
+
+DAMAGES = ["delete", "truncate", "zero", "flip"]
+# data: the shard (zarr) or the HDF5 data after the user block; header: zarr.json or the HDF5
+# user block (the pack's index); doc: cache.json
+TARGETS = ["data", "header", "doc"]
+DAMAGE_IDS = [f"d_{i:02d}" for i in range(20)]  # packs of 8, 8 and 4 videos
+VICTIM = "d_09"  # in the second pack
+FLIPS = (0.0, 0.13, 0.29, 0.5, 0.71, 0.87, 1.0)  # where in the part a bit is flipped
+
+
+def _victim_pack(root: Path) -> tuple[str, list[str]]:
+    """(name, videos) of the pack that holds VICTIM (white-box: the cache's index)."""
+    with open_cache(root, "r") as c:
+        name = c._index[VICTIM][0]
+        return name, sorted(v for v, (n, _) in c._index.items() if n == name)
+
+
+def _part(root: Path, backend: str, target: str) -> tuple[Path, int, int]:
+    """The file to damage and the byte range [lo, hi) of the part ``target`` names."""
+    if target == "doc":
+        f = root / "cache.json"
+        return f, 0, f.stat().st_size
+    name, _ = _victim_pack(root)
+    if backend == "zarr":
+        f = root / "packs" / f"{name}.zarr" / ("c/0" if target == "data" else "zarr.json")
+        return f, 0, f.stat().st_size
+    f = root / "packs" / f"{name}.h5"
+    # the user block holds the header; the HDF5 file (its superblock first) follows
+    start = f.read_bytes().find(b"\x89HDF\r\n\x1a\n") or 2048  # (files before user blocks)
+    return (f, start, f.stat().st_size) if target == "data" else (f, 0, start)
+
+
+def _damage(f: Path, lo: int, hi: int, how: str, at: float = 0.5) -> None:
+    data = bytearray(f.read_bytes())
+    if how == "delete":
+        f.unlink()
+        return
+    if how == "truncate":
+        data = data[: lo + (hi - lo) // 2]  # cut inside the part
+    elif how == "zero":
+        data[lo:hi] = bytes(hi - lo)
+    else:
+        i = lo + round((hi - lo - 1) * at)
+        data[i] ^= 1 << (i % 8)
+    f.write_bytes(bytes(data))
+
+
+def _read_everything(root: Path) -> None:
+    with open_cache(root, "r") as c:
+        for v in c.keys():
+            c.read(v)
+
+
+def _resume(root: Path, backend: str, ids: list[str]) -> set[str]:
+    """What the flow and features stages do: keep the sound up-to-date entries, write the rest."""
+    with open_cache(root, "a", attrs=ATTRS, backend=backend, videos_per_pack=8) as c:
+        done = c.up_to_date({v: f"sha-{v}" for v in ids}, verify=True)
+        for v in ids:
+            if v not in done:
+                c.write(v, _video(v), {"source": f"sha-{v}"})
+    return done
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_damaged_file_is_named_with_its_videos_and_recomputed_on_resume(
+    tmp_path: Path, backend: str, target: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fresh, root = tmp_path / "fresh", tmp_path / "damaged"
+    _fill(fresh, DAMAGE_IDS, backend, videos_per_pack=8)
+    _fill(root, DAMAGE_IDS, backend, videos_per_pack=8)
+    # a damaged cache.json takes every video with it; a damaged pack, the videos it holds
+    affected = DAMAGE_IDS if target == "doc" else _victim_pack(root)[1]
+    f, lo, hi = _part(root, backend, target)
+    original = f.read_bytes()
+    for at in FLIPS if how == "flip" else (0.5,):
+        f.write_bytes(original)
+        _damage(f, lo, hi, how, at)
+        with pytest.raises(CacheError) as e:
+            _read_everything(root)  # never zeros, other values or a library's trace
+        msg = str(e.value)
+        assert str(f) in msg, (at, msg)
+        assert all(repr(v) in msg for v in affected), (at, msg)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        done = _resume(root, backend, DAMAGE_IDS)
+    assert VICTIM not in done
+    assert done == set(DAMAGE_IDS) - set(affected)  # the other packs are kept
+    assert str(f) in caplog.text and f"'{VICTIM}'" in caplog.text
+    assert _files(root) == _files(fresh)  # recomputed to the same bytes
+
+
+def test_a_chunk_missing_from_a_shard_is_an_error_not_zeros(
+    cache_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zarr reads an inner chunk that the shard index marks missing as fill values."""
+    x = np.zeros((3, 1 << 19), np.float16)  # three 1 MiB chunks, the first two all zeros
+    x[2] = 1
+    with open_cache(cache_path, "w", attrs=ATTRS, backend="zarr") as c:
+        c.write("v", x)
+    (pack,) = _packs(cache_path)
+    tail = (cache_path / "packs" / pack / "c" / "0").read_bytes()[-(16 * 3 + 4) :]
+    offsets = np.frombuffer(tail[:-4], "<u8").reshape(3, 2)
+    assert (offsets != np.iinfo(np.uint64).max).all()  # written: all-zero chunks too
+
+    zarr = pipeline.cache.zarr  # the one module that imports zarr
+    real = zarr.create_array
+
+    def without_empty_chunks(*args: object, **kw: object) -> object:
+        return real(*args, **{**kw, "config": {"write_empty_chunks": False}})
+
+    monkeypatch.setattr(zarr, "create_array", without_empty_chunks)
+    missing = r"c/0: inner chunks \[0, 1\] of 3 are missing"
+    with open_cache(cache_path, "w", attrs=ATTRS, backend="zarr") as c:
+        c.write("v", x)
+        c.close(compact=False)
+    with pytest.raises(CacheError, match=missing) as e:
+        open_cache(cache_path, "r").read("v")
+    assert "'v'" in str(e.value)
+    with pytest.raises(CacheError, match=missing):  # nor is it compacted
+        open_cache(cache_path, "a", attrs=ATTRS, backend="zarr").close()
+
+
+def _forge(c: FeatureCache, video_id: str, wrong: np.ndarray) -> None:
+    """White-box: a unit pack whose files are consistent (sizes, CRCs) but whose data is not
+    what the entry's sha1 says: damage that happened before the pack was written."""
+    name = next(n for n, videos in c._units.items() if video_id in videos)
+    entry = dict(c._units[name][video_id])
+    c._write_pack(name, np.ascontiguousarray(wrong).reshape(-1), {video_id: entry}, durable=False)
+
+
+def test_the_stored_sha1_is_checked_when_asked_for(
+    cache_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fill(cache_path, ["a", "b"], backend)
+    with open_cache(cache_path, "a", attrs=ATTRS, backend=backend) as c:
+        c.write("a", _video("a"), {"source": "sha-a"})
+        _forge(c, "a", _video("a") + np.float16(1))
+        c.close(compact=False)
+    with open_cache(cache_path, "r") as c:
+        assert c.read("a").shape == _video("a").shape  # the file checks alone cannot tell
+        with pytest.raises(CacheError, match="'a' does not match its stored sha1") as e:
+            c.read("a", verify=True)
+        assert "packs/v-" in str(e.value)
+        np.testing.assert_array_equal(c.read("b", verify=True), _video("b"))
+        assert list(c.verify()) == ["a"] and "sha1" in c.verify(["a"])["a"]
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        assert _resume(cache_path, backend, ["a", "b"]) == {"b"}
+    assert "damaged video 'a'" in caplog.text
+    with open_cache(cache_path, "r") as c:
+        np.testing.assert_array_equal(c.read("a", verify=True), _video("a"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "sha1"])
+def test_compaction_does_not_copy_a_damaged_entry(
+    tmp_path: Path, backend: str, damage: str
+) -> None:
+    fresh, root = tmp_path / "fresh", tmp_path / "damaged"
+    _fill(fresh, DAMAGE_IDS, backend, videos_per_pack=8)
+    with open_cache(root, "w", attrs=ATTRS, backend=backend, videos_per_pack=8) as c:
+        for v in DAMAGE_IDS:
+            c.write(v, _video(v), {"source": f"sha-{v}"})
+        if damage == "sha1":
+            _forge(c, VICTIM, _video(VICTIM) * 2)
+        c.close(compact=False)  # unit packs, as a killed run leaves them
+    if damage == "flip":
+        # white-box: the unit pack's name is a hash of the id
+        unit = (
+            root
+            / "packs"
+            / (pipeline.cache._unit_name(VICTIM) + (".zarr" if backend == "zarr" else ".h5"))
+        )
+        f = unit / "c" / "0" if backend == "zarr" else unit
+        _damage(f, 0, f.stat().st_size, "flip")
+    with pytest.raises(CacheError, match="damaged entries found while compacting") as e:
+        with open_cache(root, "a", attrs=ATTRS, backend=backend, videos_per_pack=8):
+            pass  # closing compacts
+    assert f"'{VICTIM}'" in str(e.value) and "packs/v-" in str(e.value)
+    with open_cache(root, "r") as c:  # compacted without it; every other video is there
+        assert c.keys() == [v for v in DAMAGE_IDS if v != VICTIM]
+        for v in c.keys():
+            np.testing.assert_array_equal(c.read(v, verify=True), _video(v))
+    assert _resume(root, backend, DAMAGE_IDS) == set(DAMAGE_IDS) - {VICTIM}
+    assert _files(root) == _files(fresh)
+
+
+def test_a_cache_json_of_the_older_format_is_named_then_started_over(
+    cache_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fill(cache_path, ["a"], backend)
+    (cache_path / "cache.json").write_text(
+        json.dumps({"format": 1, "backend": backend, "attrs": ATTRS, "packs": []})
+    )
+    with pytest.raises(CacheError, match=r"cache.json: format 1, written by an older version"):
+        open_cache(cache_path, "r")
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        with open_cache(cache_path, "a", attrs=ATTRS, backend=backend) as c:
+            assert c.keys() == []
+    assert "format 1" in caplog.text and "starting the cache over" in caplog.text
+
+
+# -- a full disk: the file and the reason, and a cache that resumes ---------------------------
+
+_FULL_DISK_WRITER = """
+import resource, signal, sys
+import numpy as np
+from pipeline.cache import open_cache
+
+path, backend, limit, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "big"
+# Files may not grow past ``limit`` bytes: a write beyond fails with EFBIG, as on a full disk,
+# inside the real write path. SIGXFSZ would kill the process instead: ignore it.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+with open_cache(path, "w", attrs={}, backend=backend, videos_per_pack=64) as c:
+    for i in range(30):  # incompressible, ~4 kB each: a unit pack fits, a pack of 30 does not
+        x = np.random.default_rng(i).integers(0, 256, (4, 1024), dtype=np.uint8)
+        c.write(f"v{i:02d}", x, {"source": str(i)})
+    if big:  # a unit pack over the limit
+        c.write("v99", np.random.default_rng(99).integers(0, 256, (64, 1024), dtype=np.uint8))
+print("no error", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("when", ["write", "compaction"])
+def test_a_full_disk_names_the_file_and_leaves_a_resumable_cache(
+    tmp_path: Path, backend: str, when: str
+) -> None:
+    root = tmp_path / "cache"
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_WRITER, str(root), backend, str(32 << 10),
+         "big" if when == "write" else "small"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]  # an exception, not a crash (h5py: SIGSEGV)
+    last = run.stderr.strip().splitlines()[-1]
+    pack = "v-" if when == "write" else "p-"
+    assert last.startswith("pipeline.cache.CacheError: "), last
+    assert f"{root}/.tmp/{pack}" in last and "File too large" in last, last
+    assert not (root / ".tmp").exists()  # the partial file is gone
+    ids = [f"v{i:02d}" for i in range(30)]
+    with open_cache(root, "r") as c:  # what was written before is there and sound
+        assert c.keys() == ids
+        for v in ids:
+            c.read(v, verify=True)
+    with open_cache(root, "a", attrs={}, backend=backend, videos_per_pack=64) as c:
+        assert c.up_to_date({v: str(i) for i, v in enumerate(ids)}, verify=True) == set(ids)
+        if when == "write":
+            c.write("v99", np.random.default_rng(99).integers(0, 256, (64, 1024), dtype=np.uint8))
+    fresh = tmp_path / "fresh"
+    with open_cache(fresh, "w", attrs={}, backend=backend, videos_per_pack=64) as c:
+        for i, v in enumerate(ids):
+            c.write(
+                v,
+                np.random.default_rng(i).integers(0, 256, (4, 1024), dtype=np.uint8),
+                {"source": str(i)},
+            )
+        if when == "write":
+            c.write("v99", np.random.default_rng(99).integers(0, 256, (64, 1024), dtype=np.uint8))
+    assert _files(root) == _files(fresh)

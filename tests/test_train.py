@@ -440,3 +440,35 @@ def test_array_not_matching_its_layout_or_dim_fails_naming_the_cache(tmp_path: P
     d = _cache(tmp_path / "bad", {"a": np.zeros((3, 4))}, dim=5)
     with pytest.raises(StreamError, match=r"bad/cache: 'a' has 4 features, the cache says dim 5"):
         _load([d])
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_training_on_a_cache_with_a_lost_data_file_stops_naming_it(
+    tmp_path: Path, backend: str
+) -> None:
+    """Before, a deleted Zarr shard read as all-zero features and training exited 0 on them
+    (mean_pool top-1 1.000 -> 0.417). Now train stops with one line naming the file."""
+    manifest = _manifest(tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {vid: rng.standard_normal((5, 8)) for vid, _ in _ids(manifest)}
+    folder = tmp_path / "feats"
+    with open_cache(folder / "cache", "w", attrs={"dim": 8}, backend=backend) as c:
+        for vid, a in arrays.items():
+            c.write(vid, a.astype(np.float16), {"source": "x"})
+    data = [p for p in (folder / "cache").rglob("*") if p.is_file() and p.name != "cache.json"]
+    data = [p for p in data if p.suffix == ".h5" or "/c/" in str(p) or p.parent.name == "c"]
+    assert data, sorted((folder / "cache").rglob("*"))
+    data[0].unlink()
+    with pytest.raises(SystemExit) as e:
+        train.main(
+            "mean_pool",
+            "rgb",
+            head_params={"epochs": 1},
+            cfg=NO_OOF,
+            features=[folder],
+            manifest=manifest,
+            out=tmp_path / "out",
+        )
+    msg = str(e.value.code)
+    assert msg.startswith("train: ") and data[0].name in msg, msg
+    assert not (tmp_path / "out" / "scores.csv").exists()
