@@ -6,7 +6,9 @@
 (b) bench_stages.py: decode (and the two resize choices), flow pairs/s with 1 and 2 processes, tvl1_fast speed-up and EPE,
     RAFT, backbone images/s and bf16 cosine;
 (c) and (d) bench_cache.py: Zarr and HDF5 write / random-read MB/s, files and bytes per cache
-    (the demo's under data/, extrapolated to UCF101).
+    (the demo's under data/, extrapolated to UCF101);
+(e) bench_decode.py: the frame-exact decoder against decord's random access (ms per video,
+    wrong frames) and each stage's peak memory on 240p and 1080p clips.
 
 Each runs in its own Python process: the flow pool's spawned workers re-import the main module,
 and one that had imported torch (as bench_features does) would time torch imports as flow.
@@ -32,6 +34,7 @@ def main() -> None:
         ("(a) features stage vs bare backbone", "bench_features.py"),
         ("(a) batch norms folded into the convolutions", "bench_fold.py"),
         ("(b) stages: decode, flow scaling, fast TV-L1, RAFT, backbones", "bench_stages.py"),
+        ("(e) frame-exact decoder vs decord, and stage memory", "bench_decode.py"),
         ("(c, d) caches: speed, files and size", "bench_cache.py"),
     ):
         print(f"\n=== {title} ===", flush=True)

@@ -662,6 +662,7 @@ class FeatureCache:
         # their videos are left out of the index.
         self._damaged: dict[str, str] = {}
         self._dropped: dict[str, str] = {}  # videos left out as damaged -> reason
+        self._retain: set[str] | None = None  # set by retain(): the videos compaction keeps
         self._headers: dict[str, tuple[Any, dict[str, Any]]] = {}  # pack -> (file ident, header)
         doc, problem = _load_doc(self.root)
         if doc is None:
@@ -1234,6 +1235,16 @@ class FeatureCache:
             written += 1
         return names, written
 
+    def retain(self, video_ids: Iterable[str]) -> None:
+        """Keep only ``video_ids`` at the next compaction; entries of other videos (left by a
+        manifest or plan that no longer lists them) are dropped then. Without it a persisted
+        cache keeps every video it ever held, and a stage reading its keys (features of the
+        flow cache) would compute videos that are no longer planned. Primary writer only."""
+        self._check_writable()
+        if not self.primary:
+            raise CacheError(f"{self.root}: only the primary writer decides what a cache keeps")
+        self._retain = set(video_ids)
+
     def compact(self) -> None:
         """Repack every entry (the latest version of each video) into content-named packs of at
         most ``videos_per_pack`` videos, then list them in cache.json and delete the rest.
@@ -1252,7 +1263,18 @@ class FeatureCache:
         self._refresh()  # other processes' unit packs too
         while True:
             absorbed = {name: dict(videos) for name, videos in self._units.items()}
-            groups = self._groups(sorted((v, e) for v, (_, e) in self._index.items()))
+            kept = sorted(
+                (v, e)
+                for v, (_, e) in self._index.items()
+                if self._retain is None or v in self._retain
+            )
+            if len(kept) < len(self._index):
+                log.info(
+                    "%s: dropping %d videos no longer planned",
+                    self.root,
+                    len(self._index) - len(kept),
+                )
+            groups = self._groups(kept)
             try:
                 names, written = self._write_groups(groups)
                 break

@@ -116,7 +116,7 @@ def render(class_name: str, rng: np.random.Generator, bg: np.ndarray, frames: in
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """(T, H, W, 3) uint8 RGB -> Motion-JPEG AVI (decodable by decord and every ffmpeg build)."""
+    """(T, H, W, 3) uint8 RGB -> Motion-JPEG AVI (decodable by every FFmpeg build)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = frames.shape[1:3]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))

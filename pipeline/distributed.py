@@ -100,12 +100,14 @@ def open_shared_cache(
     the cache over, clean a killed run's leftovers or drop damaged packs), reads every entry it
     would keep with its digest checked (``up_to_date(verify=True)``; a damaged one is logged,
     naming the video and the file, and recomputed), then sends the done ids to the others,
-    which open the cache after it."""
+    which open the cache after it. Videos not in ``sources`` are dropped when the primary
+    compacts (``FeatureCache.retain``)."""
     done: set[str] = set()
     cache = None
     if world.primary:
         try:
             cache = open_cache(path, "a", primary=True, **kw)
+            cache.retain(sources)  # videos no longer planned leave the cache at compaction
             done = cache.up_to_date(sources, verify=True)
         except BaseException as e:
             # The other ranks wait in the broadcast below: tell them, rather than leave them

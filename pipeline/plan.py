@@ -1,7 +1,7 @@
 """The decode stage's output: which frames of each video the later stages read.
 
 Decoded frames are not cached: flow and features decode exactly the planned frames on demand
-(decord seeks to them). The plan costs ~0.5 KB per video on disk, where caching the frames
+(a forward decode that keeps only them, see pipeline/video.py). The plan costs ~0.5 KB per video on disk, where caching the frames
 would cost N*(L+1)*H*W*3 bytes (25*6*256*340*3 = 39 MB raw per video at short side 256, or
 ~500 GB for UCF101), for a decode time that is small next to flow and the CNN.
 """
@@ -9,12 +9,20 @@ would cost N*(L+1)*H*W*3 bytes (25*6*256*340*3 = 39 MB raw per video at short si
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import DecodeConfig
 from pipeline.manifest import portable_path, resolve_path
-from pipeline.video import SamplePlan, dense_plan, sample_plan
+from pipeline.video import SamplePlan, decoder_id, dense_plan, sample_plan
+
+# 2: the decoder is recorded and part of the identity (frame-exact PyAV decoding replaced
+# decord, whose random access returned wrong frames on XviD AVIs with B-frames)
+FORMAT = 2
+
+
+class PlanError(ValueError):
+    """A plan.json cannot be read or was made by another decoder; names the file."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +33,8 @@ class PlannedVideo:
     looped: bool
     points: list[int]
     source: str  # sha256 of the video file: cache entries computed from it record it
-    width: int = 0  # as probed (0 in plans written before the field): lets decoding skip
-    height: int = 0  # a second open of the video to learn its size
+    width: int  # as probed: every frame is read at the size this gives after resizing
+    height: int
 
     @property
     def size(self) -> tuple[int, int]:
@@ -37,18 +45,17 @@ class PlannedVideo:
 class Plan:
     settings: DecodeConfig
     videos: dict[str, PlannedVideo]
+    decoder: str = field(default_factory=decoder_id)
 
     def identity(self) -> dict:
-        """What decides the sampled frames and their size, for downstream cache metadata."""
+        """What decides the sampled frames and their pixels, for downstream cache metadata:
+        the decode settings (workers aside; num_frames only where points are sampled) and the
+        decoder with its version."""
         s = asdict(self.settings)
         s.pop("workers")
-        if s["sampling"] == "points":
-            s.pop("sampling")  # caches written before the key existed stay valid
-        else:
+        if s["sampling"] == "dense":
             s.pop("num_frames")  # dense sampling takes every frame
-        if s["resize"] == "opencv":
-            s.pop("resize")  # likewise
-        return s
+        return s | {"decoder": self.decoder}
 
 
 def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
@@ -67,6 +74,8 @@ def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
 def write_plan(path: Path, plan: Plan) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
+        "format": FORMAT,
+        "decoder": plan.decoder,
         "settings": asdict(plan.settings),
         # paths as in the manifest: relative inside the project, so clones share DVC hashes
         "videos": {
@@ -78,15 +87,25 @@ def write_plan(path: Path, plan: Plan) -> None:
 
 
 def read_plan(path: Path) -> Plan:
+    """The plan at ``path``; PlanError naming the file when it cannot be read, or when it was
+    made by another decoder than this code's (its frame counts and sizes came from that
+    decoder, and its frames may differ): the decode stage must run again."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the decode plan ({e})") from e
-    # a plan written before decode.resize existed resized with OpenCV
+        raise PlanError(f"{path}: cannot read the decode plan ({e})") from e
+    made_by = data.get("decoder", "decord (before frame-exact decoding)")
+    if data.get("format") != FORMAT or made_by != decoder_id():
+        raise PlanError(
+            f"{path}: made by decoder {made_by!r} (format {data.get('format', 1)}); this code "
+            f"decodes with {decoder_id()!r} (format {FORMAT}): run the decode stage again "
+            "(dvc repro decode)"
+        )
     return Plan(
-        DecodeConfig(**({"resize": "opencv"} | data["settings"])),
+        DecodeConfig(**data["settings"]),
         {
             k: PlannedVideo(**(v | {"path": str(resolve_path(v["path"]))}))
             for k, v in data["videos"].items()
         },
+        decoder=made_by,
     )

@@ -9,7 +9,7 @@ PACKAGES = (
     "torch",
     "torchvision",
     "numpy",
-    "decord",
+    "av",
     "opencv-contrib-python-headless",
     "zarr",
     "h5py",

@@ -1,4 +1,15 @@
-"""Decoding and frame sampling. decord is the decoder; nothing else in the project imports it.
+"""Decoding and frame sampling. PyAV (FFmpeg) is the decoder; nothing else in the project
+imports it.
+
+Frame k of a video is the k-th frame of a sequential decode in presentation order: what
+``ffmpeg -vsync passthrough`` or PyAV's demux-and-decode of every frame yields. Reads decode
+forward from the first frame, keep only the requested frames, convert them at the requested
+size, and stop after the last one. No seeking: in AVI files (UCF101, HMDB51) the timestamps a
+decoder hands back are in *decode* order (test.avi: 1, 2, 4, 3, 5, ...), so after a seek nothing
+says which presentation index a frame has; decord's random access gets exactly that wrong on
+XviD with B-frames (Megamind.avi: index 100 gives frame 2). Decoding is cheap next to the colour
+conversion, which runs only on kept frames: a whole 164-frame 320x240 UCF101 clip decodes in
+~8 ms (bench/bench_decode.py has the figures against decord).
 
 Sampling (``sample_plan``): N points per video, each the start of a window of L+1 consecutive
 frames (L flow pairs). Points are the centres of N equal segments of the first n-L frames, so
@@ -10,11 +21,14 @@ frames (or no more than L) is *looped*, as MRRN loops short videos: frame k of t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
+from av.video.reformatter import Interpolation, VideoReformatter
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +115,13 @@ def clip_windows(
     return (starts[:, None] + np.arange(length, dtype=np.int64)[None, :]) % length_v
 
 
+def decoder_id() -> str:
+    """The decoder and its versions, for the plan and cache identity: frames decoded by another
+    decoder (or another FFmpeg) may differ, so a change redoes the plan and every cache."""
+    codec = ".".join(str(v) for v in av.library_versions["libavcodec"])
+    return f"pyav {av.__version__} sequential (libavcodec {codec})"
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise VideoDecodeError(f"{path}: no such file")
@@ -110,40 +131,67 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(f"{path}: empty file (0 bytes)")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[-1] if text else type(e).__name__
-    return msg[-300:]
+def _reason(e: Exception) -> str:
+    """FFmpeg's own words ('Invalid data found when processing input'), without the errno."""
+    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return text.splitlines()[-1][-300:]
 
 
-def _open_decord(path: Path, size: tuple[int, int] | None = None):  # noqa: ANN202 - untyped
-    """A decord reader of ``path``; ``size`` = (width, height) has the decoder scale every frame
-    (ffmpeg's scale filter, swscale's default bicubic, anti-aliased when shrinking)."""
-    import decord
+def _open(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """The container and its first video stream, decoded on one thread: the workers of a stage
+    already use every core, and one thread makes a damaged file decode the same way each run."""
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(f"{path}: not a decodable video ({_reason(e)})") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "NONE"
+    stream.codec_context.thread_count = 1
+    return container, stream
 
-    w, h = size if size else (-1, -1)
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+
+def _decoded(
+    path: Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> Iterator[av.VideoFrame]:
+    """Every frame of ``stream`` in presentation order (the decoder's output order; the final
+    empty packet flushes the frames it holds back for B-frame reordering).
+
+    A decoder error or a frame the decoder flags as damaged (concealed errors) raises
+    VideoDecodeError: such a file is refused rather than read as whatever concealment drew."""
+    k = 0
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                if frame.is_corrupt:
+                    raise VideoDecodeError(
+                        f"{path}: frame {k} is damaged (the decoder flagged it corrupt)"
+                    )
+                yield frame
+                k += 1
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"{path}: decoding failed after {k} frames ({_reason(e)})") from e
 
 
 def probe(path: Path) -> VideoInfo:
-    """Open ``path`` and read its frame count, fps and size; raises VideoDecodeError."""
+    """Decode every frame of ``path`` (no colour conversion) and count them; raises
+    VideoDecodeError. The count is of frames that decode, not the container's claim, which
+    can be wrong (corrupted.mp4 claims 50) or absent (Matroska)."""
     path = Path(path)
     _check_file(path)
-    try:
-        vr = _open_decord(path)
-        n = len(vr)
-        h, w = vr[0].shape[:2] if n > 0 else (0, 0)
-        fps = float(vr.get_avg_fps())
-    except Exception as e:  # decord raises its own DECORDError and sometimes RuntimeError
-        try:  # containers decord cannot index (animated GIF, some broken indexes)
-            frames = _read_all_opencv(path)
-        except VideoDecodeError:
-            raise VideoDecodeError(f"{path}: not a decodable video ({_first_line(e)})") from e
-        n, (h, w) = len(frames), frames[0].shape[:2]
-        fps = _opencv_fps(path)
+    container, stream = _open(path)
+    with container:
+        n, width, height = 0, stream.codec_context.width, stream.codec_context.height
+        for frame in _decoded(path, container, stream):
+            if n == 0:
+                width, height = frame.width, frame.height
+            n += 1
+        rate = stream.average_rate or stream.guessed_rate
     if n <= 0:
         raise VideoDecodeError(f"{path}: no frames")
-    return VideoInfo(frames=n, fps=fps, width=int(w), height=int(h))
+    return VideoInfo(frames=n, fps=float(rate) if rate else 0.0, width=width, height=height)
 
 
 RESIZES = ("decoder", "opencv")
@@ -163,16 +211,20 @@ def read_frames(
     resize: str = "decoder",
     size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Decode frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
+    """Frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
 
-    ``resize`` is how: ``decoder`` has ffmpeg's scaler resize each frame while decoding (its
-    colour conversion then runs at the small size too: 1.2x (320x240) to 1.6x (426x240)
-    cheaper than ``opencv`` at short side 128, measured in bench/bench_stages.py); ``opencv``
-    decodes at full size and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) of the
-    video as probed saves opening it twice to learn it. A video decord cannot index is read by
-    OpenCV and resized with cv2 whatever ``resize`` says.
+    Frame k is the k-th frame of a sequential decode in presentation order (module docstring).
+    The file is decoded forward to the last requested frame; only requested frames are converted
+    and kept, at the output size, so memory is K output frames whatever the video's resolution.
 
-    Raises VideoDecodeError naming the file when any requested frame cannot be decoded.
+    ``resize`` is how: ``decoder`` has FFmpeg's scaler (swscale, area averaging) resize while it
+    converts to RGB, so the conversion runs at the small size too; ``opencv`` converts at full
+    size and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) as
+    probed fixes the output size (else the first frame's size does): every frame comes out at
+    that size, even after a mid-stream resolution change.
+
+    Raises VideoDecodeError naming the file when a requested frame is past the end, or when
+    the file fails to decode (or a frame is flagged damaged) before the last requested frame.
     """
     path = Path(path)
     check_resize(resize)
@@ -181,45 +233,54 @@ def read_frames(
     if idx.size == 0 or idx.min() < 0:
         raise ValueError(f"{path}: frame indices must be a non-empty list of indices >= 0")
     uniq, inverse = np.unique(idx, return_inverse=True)
-    try:
-        vr, scaled = _reader(path, short_side if resize == "decoder" else None, size)
-        if len(uniq) and uniq[-1] >= len(vr):
-            raise VideoDecodeError(f"{path}: frame {uniq[-1]} requested, video has {len(vr)}")
-        frames = vr.get_batch(uniq.tolist()).asnumpy()
-    except VideoDecodeError:
-        raise
-    except Exception as e:
-        try:
-            every = _read_all_opencv(path)
-        except VideoDecodeError:
-            raise VideoDecodeError(f"{path}: decoding failed ({_first_line(e)})") from e
-        if len(uniq) and uniq[-1] >= len(every):
-            raise VideoDecodeError(
-                f"{path}: decoding failed ({_first_line(e)}); only {len(every)} frames are "
-                f"decodable and frame {uniq[-1]} is needed"
-            ) from e
-        frames, scaled = every[uniq], False
-    if short_side and not scaled:
-        frames = resize_short_side(frames, short_side)
+    frames = _read_sorted(path, uniq, short_side=short_side, resize=resize, size=size)
     if len(uniq) == len(idx) and np.array_equal(uniq, idx):
         return frames  # sorted distinct indices: no copy
     return frames[inverse.reshape(-1)]
 
 
-def _reader(path: Path, short_side: int | None, size: tuple[int, int] | None):  # noqa: ANN202
-    """A decord reader of ``path`` -> (reader, whether its frames already have ``short_side``).
-    With ``short_side`` the decoder scales; ``size`` (width, height) is the probed size, and
-    where it is unknown ((0, 0), None) the first frame of a native-size reader tells it."""
-    if not short_side:
-        return _open_decord(path), False
-    native = None
-    if not (size and all(size)):
-        native = _open_decord(path)
-        size = native[0].shape[1::-1]
-    target = scaled_size(*size, short_side)
-    if target != tuple(size):
-        return _open_decord(path, target), True
-    return (_open_decord(path) if native is None else native), True
+def _read_sorted(
+    path: Path,
+    wanted: np.ndarray,
+    *,
+    short_side: int | None,
+    resize: str,
+    size: tuple[int, int] | None,
+) -> np.ndarray:
+    """Sorted distinct ``wanted`` frame indices -> (K, H, W, 3) uint8, in one forward decode."""
+    reformatter = VideoReformatter()
+    out: np.ndarray | None = None
+    j, n = 0, 0
+    container, stream = _open(path)
+    with container:
+        for frame in _decoded(path, container, stream):
+            n += 1
+            if n - 1 != wanted[j]:
+                continue
+            if out is None:
+                src = size if size and all(size) else (frame.width, frame.height)
+                w, h = scaled_size(*src, short_side) if short_side else tuple(src)
+                out = np.empty((len(wanted), h, w, 3), dtype=np.uint8)
+            out[j] = _convert(frame, reformatter, out.shape[2], out.shape[1], resize)
+            j += 1
+            if j == len(wanted):
+                return out
+    raise VideoDecodeError(f"{path}: frame {wanted[j]} requested, video has {n}")
+
+
+def _convert(
+    frame: av.VideoFrame, reformatter: VideoReformatter, width: int, height: int, resize: str
+) -> np.ndarray:
+    """One decoded frame -> (height, width, 3) uint8 RGB. The reformatter is reused across a
+    video's frames and runs on one thread: by default swscale starts threads for every call,
+    which made conversion 2-3x slower than the decode itself (measured on test.avi)."""
+    if resize == "decoder" or (frame.width, frame.height) == (width, height):
+        rgb = reformatter.reformat(
+            frame, width, height, "rgb24", interpolation=Interpolation.AREA, threads=1
+        )
+        return rgb.to_ndarray()
+    rgb = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    return resize_short_side(rgb[None], min(width, height))[0]
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -236,32 +297,3 @@ def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
         return frames
     interp = cv2.INTER_AREA if size[1] < h else cv2.INTER_LINEAR
     return np.stack([cv2.resize(f, size, interpolation=interp) for f in frames])
-
-
-def _opencv_fps(path: Path) -> float:
-    cap = cv2.VideoCapture(str(path))
-    try:
-        fps = cap.get(cv2.CAP_PROP_FPS)
-    finally:
-        cap.release()
-    return float(fps) if fps and fps > 0 else 0.0
-
-
-def _read_all_opencv(path: Path) -> np.ndarray:
-    """Sequential OpenCV decode of every frame: the fallback for what decord cannot index."""
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        if not cap.isOpened():
-            raise VideoDecodeError(f"{path}: OpenCV cannot open it either")
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
-    if not frames:
-        raise VideoDecodeError(f"{path}: no decodable frames")
-    log.debug("%s: decoded %d frames with the OpenCV fallback", path, len(frames))
-    return np.stack(frames)

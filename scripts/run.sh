@@ -25,7 +25,7 @@ fi
 
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | "$py" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')"
 if [ ! -f "$stamp" ]; then
-  echo "run.sh: setting up .venv (torch, decord, opencv, zarr, dvc, ...; about 2 minutes)" >&2
+  echo "run.sh: setting up .venv (torch, PyAV, opencv, zarr, dvc, ...; about 2 minutes)" >&2
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"

@@ -1,6 +1,7 @@
 """features: a 2D or 3D CNN per stream (rgb frames or clips, stacked flow or flow clips), written
 per video as float16 into a pack cache: pooled (T, D), multi-level taps, or conv maps, with
-centre or 10-crops. Resumable like flow, and sharded over ranks under torchrun:
+centre or 10-crops. Resumable like flow (damaged entries recomputed), and sharded over ranks
+under torchrun:
 
     torchrun --nproc_per_node 4 -m stages.features --stream rgb --input data/decode --out data/features/rgb
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from pipeline import extract
-from pipeline.backbones import build_backbone, is_3d
-from pipeline.cache import open_cache
+from pipeline.backbones import WeightsError, build_backbone, is_3d
+from pipeline.cache import CacheError, open_cache
 from pipeline.config import (
     DEFAULT_CACHE,
     CacheConfig,
@@ -33,7 +34,7 @@ from pipeline.inference import (
     resolve_device,
     resolve_precision,
 )
-from pipeline.plan import read_plan
+from pipeline.plan import PlanError, read_plan
 from pipeline.runner import Counts, Failure, finish, progress
 
 log = logging.getLogger("features")
@@ -99,16 +100,16 @@ def main(
     attrs = extract.cache_attrs(
         cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream
     )
-    cache = open_shared_cache(
+    cache, done = open_shared_cache(
         world,
         out / "cache",
+        sources=sources,
         attrs=attrs,
         backend=cache_cfg.backend,
         videos_per_pack=cache_cfg.videos_per_pack,
     )
     failures: list[Failure] = []
     with cache:
-        done = cache.up_to_date(sources)
         todo = world.shard([it for it in items if it.video_id not in done])
         paths = {it.video_id: it.path for it in todo}
         if world.size > 1:
@@ -124,7 +125,7 @@ def main(
         )
         workers = 1 if len(todo) > 1 else 0
         # fork: the worker starts at once with what this process imported, where a spawned one
-        # spends ~2.5 s importing torch and decord (measured: the stage went from 0.77x to 0.93x
+        # spent ~2.5 s importing torch and the decoder (measured: the stage went from 0.77x to 0.93x
         # the bare backbone on 16 videos, bench/bench_features.py). The worker uses no CUDA and
         # one torch thread, and cache files are opened per process, so forking is safe here.
         loader = torch.utils.data.DataLoader(
@@ -150,6 +151,8 @@ def main(
         written = 0
         with torch.inference_mode(), inference_context(device, precision):
             for vid, feats in extract.forward_batched(model, decoded(), batch_size=cfg.batch_size):
+                # a failed write (full disk: CacheError naming the file) stops the stage; the
+                # videos written stay, for the resume
                 cache.write(
                     vid, extract.arrange(feats, n=sizes.pop(vid), cfg=cfg), {"source": sources[vid]}
                 )
@@ -170,10 +173,15 @@ if __name__ == "__main__":
     args, params = parse(
         __doc__, "input", "out", extra={"stream": {"required": True, "choices": ["rgb", "flow"]}}
     )
-    main(
-        section(params, f"features.{args.stream}", StreamFeaturesConfig),
-        stream=args.stream,
-        source=args.input,
-        out=args.out,
-        cache_cfg=section(params, "cache", CacheConfig),
-    )
+    try:
+        main(
+            section(params, f"features.{args.stream}", StreamFeaturesConfig),
+            stream=args.stream,
+            source=args.input,
+            out=args.out,
+            cache_cfg=section(params, "cache", CacheConfig),
+        )
+    except (CacheError, PlanError, WeightsError) as e:
+        # each names the file and the reason (a damaged cache or full disk, a plan from another
+        # decoder, weights that cannot be had): a trace would only bury it
+        raise SystemExit(f"features ({args.stream}): {e}") from None

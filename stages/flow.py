@@ -1,6 +1,7 @@
 """flow: L quantised flow pairs at every sampled point of every planned video, into a pack cache.
-Resumable: videos already in the cache (written with the same settings) are skipped. Under
-torchrun every rank (machine) takes its share of the videos, each with its own process pool."""
+Resumable: videos already in the cache (written with the same settings from the same video
+bytes, and reading back sound) are skipped; damaged ones are recomputed. Under torchrun every
+rank (machine) takes its share of the videos, each with its own process pool."""
 
 from __future__ import annotations
 
@@ -65,15 +66,15 @@ def main(
     raft = cfg.algorithm in RAFT_ALGORITHMS
     world = init_world(resolve_device(cfg.raft.device) if raft else torch.device("cpu"))
     failures = []
-    cache = open_shared_cache(
+    cache, done = open_shared_cache(
         world,
         out / "cache",
+        sources={k: v.source for k, v in plan.videos.items()},
         attrs=cache_attrs(plan, cfg),
         backend=cache_cfg.backend,
         videos_per_pack=cache_cfg.videos_per_pack,
     )
     with cache:
-        done = cache.up_to_date({k: v.source for k, v in plan.videos.items()})
         todo = world.shard(
             [(k, v.path, v.frames, v.size) for k, v in sorted(plan.videos.items()) if k not in done]
         )
@@ -93,6 +94,8 @@ def main(
             if err:
                 failures.append(Failure(vid, path, "flow", err))
             else:
+                # A failed write (a full disk: CacheError naming the file) stops the stage: the
+                # videos after it could not be stored either. Those written stay, for the resume.
                 cache.write(vid, stacks, {"source": plan.videos[vid].source})
                 written += 1
         failures, written = collect(world, failures, written)
@@ -103,12 +106,22 @@ def main(
 
 
 if __name__ == "__main__":
+    # imported here, not at the top: the TV-L1 pool's spawned workers re-import this module and
+    # stay light without torch (pipeline.backbones)
+    from pipeline.backbones import WeightsError
+    from pipeline.cache import CacheError
+    from pipeline.plan import PlanError
     from stages._cli import parse
 
     args, params = parse(__doc__, "plan", "out")
-    main(
-        section(params, "flow", FlowConfig),
-        plan_path=args.plan,
-        out=args.out,
-        cache_cfg=section(params, "cache", CacheConfig),
-    )
+    try:
+        main(
+            section(params, "flow", FlowConfig),
+            plan_path=args.plan,
+            out=args.out,
+            cache_cfg=section(params, "cache", CacheConfig),
+        )
+    except (CacheError, PlanError, WeightsError) as e:
+        # each names the file and the reason (a damaged cache or full disk, a plan from another
+        # decoder, weights that cannot be had): a trace would only bury it
+        raise SystemExit(f"flow: {e}") from None

@@ -57,7 +57,7 @@ def test_pooled_rgb_entries_and_metadata(tiny_demo: Path, tmp_path: Path) -> Non
     assert x.shape == (8, 512) and x.dtype == np.float16
     assert a["layout"] == "(T, D)" and a["layer"] and a["crops"] == "centre"
     assert a["params"]["backbone"] == "resnet18" and a["weights"].startswith("random")
-    assert a["versions"]["torch"] and a["versions"]["decord"]
+    assert a["versions"]["torch"] and a["versions"]["av"]
     assert a["sampling"]["num_frames"] == 8
 
 
@@ -274,11 +274,11 @@ def test_res_lstm_on_3d_clips_of_real_videos_of_unequal_length(
     with open_cache(tmp_path / "r3d/cache", "r") as c:
         lengths = {k: c.read(k).shape for k in c.keys()}
     # 164, 3 (looped to one clip), 32 and 131 frames
-    assert lengths == {
-        "test": (19, 512),
-        "video_0": (1, 512),
-        "part_0": (3, 512),
-        "example": (15, 512),
+    assert lengths == {  # ids are paths under the folder dataset's root
+        "a/test": (19, 512),
+        "a/video_0": (1, 512),
+        "b/part_0": (3, 512),
+        "b/example": (15, 512),
     }
     res = {"hidden": 16, "layers": 2, "steps": None, "projection": "learned"}
     train.main(

@@ -1,8 +1,10 @@
-"""Tests for pipeline/plan.py: the decode plan's settings, identity and old-plan reading."""
+"""Tests for pipeline/plan.py: the decode plan's settings, identity and old plans refused."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +13,12 @@ from conftest import prepare_tiny_demo
 
 from pipeline.config import DecodeConfig
 from pipeline.plan import Plan, PlannedVideo, read_plan, write_plan
+from pipeline.video import decoder_id
 from stages import decode
 
 
-def _video(path: Path, **kw: object) -> PlannedVideo:
-    return PlannedVideo("v", str(path), 12, False, [0, 4, 8], "ab" * 32, **kw)
+def _video(path: Path, width: int = 64, height: int = 48) -> PlannedVideo:
+    return PlannedVideo("v", str(path), 12, False, [0, 4, 8], "ab" * 32, width, height)
 
 
 def test_the_decode_stage_records_each_videos_size_and_the_resize(tiny_demo: Path) -> None:
@@ -23,28 +26,39 @@ def test_the_decode_stage_records_each_videos_size_and_the_resize(tiny_demo: Pat
     assert plan.settings.resize == "decoder"
     assert {v.size for v in plan.videos.values()} == {(32, 32)}
     assert plan.identity() == {
-        "num_frames": 8, "flow_pairs": 2, "short_side": 32, "resize": "decoder"
+        "num_frames": 8, "flow_pairs": 2, "short_side": 32, "resize": "decoder",
+        "sampling": "points", "decoder": decoder_id(),
     }  # fmt: skip
+    assert decoder_id().startswith("pyav ")
 
 
-def test_a_plan_from_before_the_resize_setting_reads_as_opencv(tmp_path: Path) -> None:
-    """Plans (and the caches that record their identity) written when frames were always
-    resized with OpenCV keep meaning that, and keep the identity they had."""
-    write_plan(tmp_path / "plan.json", Plan(DecodeConfig(resize="opencv"), {"v": _video(tmp_path)}))
+@pytest.mark.parametrize("made_by", [None, "pyav 0.0.1 sequential (libavcodec 1.2.3)"])
+def test_a_plan_from_another_decoder_is_refused(tmp_path: Path, made_by: str | None) -> None:
+    """A plan from before frame-exact decoding (decord, no decoder recorded) or from another
+    decoder version: its frame counts and frames came from that decoder, so the stages that
+    read it stop and say to re-run decode, rather than mixing two decoders' frames."""
+    write_plan(tmp_path / "plan.json", Plan(DecodeConfig(), {"v": _video(tmp_path)}))
     data = json.loads((tmp_path / "plan.json").read_text())
-    del data["settings"]["resize"]
-    for v in data["videos"].values():
-        del v["width"], v["height"]
+    if made_by is None:
+        del data["decoder"], data["format"]
+    else:
+        data["decoder"] = made_by
     (tmp_path / "plan.json").write_text(json.dumps(data))
-    old = read_plan(tmp_path / "plan.json")
-    assert old.settings.resize == "opencv"
-    assert old.videos["v"].size == (0, 0)  # unknown: read_frames opens the video to learn it
-    assert "resize" not in old.identity()
-    assert old.identity() == {"num_frames": 25, "flow_pairs": 5, "short_side": 256}
+    with pytest.raises(ValueError, match="run the decode stage again") as e:
+        read_plan(tmp_path / "plan.json")
+    assert str(e.value).startswith(f"{tmp_path / 'plan.json'}: made by decoder ")
+    assert (made_by or "decord") in str(e.value)
+
+
+def test_the_decoder_is_part_of_the_identity(tmp_path: Path) -> None:
+    plan = Plan(DecodeConfig(), {"v": _video(tmp_path)})
+    other = replace(plan, decoder="pyav 0.0.1 sequential (libavcodec 1.2.3)")
+    assert plan.identity()["decoder"] == decoder_id()
+    assert plan.identity() != other.identity()
 
 
 def test_the_plan_round_trips_the_resize_and_sizes(tmp_path: Path) -> None:
-    plan = Plan(DecodeConfig(), {"v": _video(tmp_path, width=320, height=240)})
+    plan = Plan(DecodeConfig(), {"v": _video(tmp_path, 320, 240)})
     write_plan(tmp_path / "plan.json", plan)
     back = read_plan(tmp_path / "plan.json")
     assert back.settings == plan.settings and back.videos["v"].size == (320, 240)
@@ -61,3 +75,23 @@ def test_the_decode_stage_refuses_an_unknown_resize(tmp_path: Path) -> None:
             out=tmp_path / "dec2",
         )
     assert not (tmp_path / "dec2/plan.json").exists()
+
+
+def test_the_flow_stage_refuses_a_plan_from_another_decoder_in_one_line(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """The stage command stops before opening any cache, with the file and what to do."""
+    data = json.loads((tiny_demo / "decode/plan.json").read_text())
+    del data["decoder"], data["format"]
+    old = tmp_path / "plan.json"
+    old.write_text(json.dumps(data))
+    run = subprocess.run(
+        [sys.executable, "-m", "stages.flow", "--plan", str(old), "--out", str(tmp_path / "flow")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"flow: {old}: made by decoder 'decord")
+    assert "dvc repro decode" in last
+    assert not (tmp_path / "flow").exists()

@@ -27,7 +27,7 @@ from pipeline.config import (
 )
 from pipeline.datasets import read_manifest
 from pipeline.demo import render, write_video
-from pipeline.plan import read_plan
+from pipeline.plan import Plan, read_plan, write_plan
 from stages import decode, features, flow, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,25 +64,25 @@ def test_bad_inputs_are_recorded_and_the_rest_goes_on(bad_folder: Path, tmp_path
         DatasetConfig(name="folder", root=str(bad_folder), test_fraction=0.5, probe_workers=1), out
     )
     failed = _failures(out / "failures.csv")
-    assert counts.failed == 2 and counts.done == 4
-    assert set(failed) == {"empty", "notes"}
-    assert "empty file (0 bytes)" in failed["empty"] and "empty.avi" in failed["empty"]
-    assert "not a decodable video" in failed["notes"] and "notes.avi" in failed["notes"]
+    assert counts.failed == 3 and counts.done == 3
+    assert set(failed) == {"a/empty", "b/notes", "b/corrupted"}
+    assert "empty file (0 bytes)" in failed["a/empty"] and "empty.avi" in failed["a/empty"]
+    assert "not a decodable video" in failed["b/notes"] and "notes.avi" in failed["b/notes"]
+    # corrupted.mp4 opens, but the probe decodes every frame and its 29th packet fails
+    assert "corrupted.mp4: decoding failed after 28 frames" in failed["b/corrupted"]
     manifest_ids = {v.video_id for v in read_manifest(out / "manifest.csv").videos}
-    assert manifest_ids == {"test", "video_0", "part_0", "corrupted"}
+    assert manifest_ids == {"a/test", "a/video_0", "b/part_0"}
 
     dec = tmp_path / "decode"
     cfg = DecodeConfig(num_frames=25, flow_pairs=5, short_side=64, workers=1)
     counts = decode.main(cfg, manifest=out / "manifest.csv", probe=out / "probe.csv", out=dec)
-    failed = _failures(dec / "failures.csv")
-    # corrupted.mp4 opens (prepare passes it) but its planned frames cannot all be decoded
-    assert counts.failed == 1 and set(failed) == {"corrupted"}
-    assert "corrupted.mp4" in failed["corrupted"] and "decod" in failed["corrupted"]
+    assert counts.failed == 0 and counts.done == 3
     plan = read_plan(dec / "plan.json")
-    assert set(plan.videos) == {"test", "video_0", "part_0"}
+    assert set(plan.videos) == {"a/test", "a/video_0", "b/part_0"}
     # the 3-frame clip is looped to 25 points, as MRRN loops short videos
-    assert plan.videos["video_0"].looped and plan.videos["video_0"].points[:6] == [0, 1, 2, 0, 1, 2]
-    assert not plan.videos["test"].looped
+    short = plan.videos["a/video_0"]
+    assert short.looped and short.points[:6] == [0, 1, 2, 0, 1, 2]
+    assert not plan.videos["a/test"].looped
 
 
 def _params(path: Path, text: str) -> Path:
@@ -160,6 +160,39 @@ def test_changed_video_is_recomputed_not_resumed(tmp_path: Path) -> None:
     )
     changed = flow.main(cfg, plan_path=root / "decode/plan.json", out=root / "flow")
     assert (changed.done, changed.skipped) == (1, 23)
+
+
+def test_videos_no_longer_planned_leave_the_persisted_caches(
+    tiny_demo: Path, tmp_path: Path, file_bytes: Callable[[Path], dict[str, bytes]]
+) -> None:
+    """flow and features keep their outputs between runs (persist: true). A video the plan no
+    longer lists leaves both caches, so features@flow, which reads the flow cache's videos,
+    computes exactly the planned ones, and the caches equal a run on the smaller plan alone."""
+    full = read_plan(tiny_demo / "decode/plan.json")
+    gone = sorted(full.videos)[:3]
+    smaller = tmp_path / "decode/plan.json"
+    write_plan(
+        smaller, Plan(full.settings, {k: v for k, v in full.videos.items() if k not in gone})
+    )
+    cfg = FlowConfig(algorithm="farneback", workers=1)
+    feat = dataclasses.replace(
+        StreamFeaturesConfig(), backbone="resnet18", weights="none", crop=32, threads=1
+    )
+    out = tmp_path / "run"
+    flow.main(cfg, plan_path=tiny_demo / "decode/plan.json", out=out / "flow")
+    features.main(feat, stream="flow", source=out / "flow", out=out / "feat")
+    again = flow.main(cfg, plan_path=smaller, out=out / "flow")
+    assert (again.done, again.skipped) == (0, 21)
+    counts = features.main(feat, stream="flow", source=out / "flow", out=out / "feat")
+    assert (counts.done, counts.skipped) == (0, 21)
+    for cache in (out / "flow/cache", out / "feat/cache"):
+        with open_cache(cache, "r") as c:
+            assert c.keys() == sorted(set(full.videos) - set(gone))
+    alone = tmp_path / "alone"
+    flow.main(cfg, plan_path=smaller, out=alone / "flow")
+    features.main(feat, stream="flow", source=alone / "flow", out=alone / "feat")
+    assert file_bytes(out / "flow/cache") == file_bytes(alone / "flow/cache")
+    assert file_bytes(out / "feat/cache") == file_bytes(alone / "feat/cache")
 
 
 def test_flow_settings_change_starts_the_cache_over(tiny_demo: Path, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def test_video_0_mov_has_three_frames(videos: Path) -> None:
     assert frames.shape == (3, 32, 57, 3)  # 568x320 -> 57x32
 
 
-def test_gif_is_read_through_the_opencv_fallback(videos: Path) -> None:
+def test_gif_is_decoded_like_any_video(videos: Path) -> None:
     path = videos / "v_CricketShot_g04_c01_rgb.gif"
     info = probe(path)
     assert (info.frames, info.width, info.height) == (79, 224, 224)
@@ -189,7 +189,7 @@ def test_probe_errors_name_the_file(tmp_path: Path, kind: str, reason: str) -> N
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
-    [("missing", "no such file"), ("empty", "empty file"), ("text", "decoding failed")],
+    [("missing", "no such file"), ("empty", "empty file"), ("text", "not a decodable video")],
 )
 def test_read_frames_errors_name_the_file(tmp_path: Path, kind: str, reason: str) -> None:
     path = _bad_files(tmp_path)[kind]
@@ -198,15 +198,18 @@ def test_read_frames_errors_name_the_file(tmp_path: Path, kind: str, reason: str
     assert str(e.value).startswith(f"{path}: ")
 
 
-def test_corrupted_video_fails_to_read_its_planned_frames(videos: Path) -> None:
+def test_corrupted_video_is_refused_by_the_probe_and_by_reads(videos: Path) -> None:
+    """corrupted.mp4's index claims 50 frames; its 29th packet fails to decode. The probe
+    decodes every frame, so it refuses the file (prepare records it); a read that reaches the
+    damage refuses it too, naming where it failed."""
     path = videos / "corrupted.mp4"
-    info = probe(path)  # the index claims more frames than decode
-    plan = sample_plan(info.frames, num_points=25, pairs=5)
-    with pytest.raises(VideoDecodeError) as e:
-        read_frames(path, plan.needed(), short_side=32)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}: ")
-    assert "decodable" in msg or "decoding failed" in msg
+    with pytest.raises(VideoDecodeError, match=r"decoding failed after 28 frames \(Invalid data"):
+        probe(path)
+    with pytest.raises(VideoDecodeError, match="decoding failed after 28 frames") as e:
+        read_frames(path, np.array([0, 40]), short_side=32)
+    assert str(e.value).startswith(f"{path}: ")
+    # frames before the damage decode: a read that stops before it is not refused
+    assert read_frames(path, np.array([0, 27]), short_side=32).shape == (2, 32, 57, 3)
 
 
 @pytest.mark.parametrize("indices", [[], [-1, 0]])
@@ -253,7 +256,7 @@ def test_dense_plan_takes_every_consecutive_pair_once() -> None:
 
 
 def test_the_decoder_resize_is_close_to_opencv_area_resize(videos: Path) -> None:
-    """ffmpeg's scaler (bicubic, anti-aliased) and cv2's INTER_AREA give the same size and
+    """FFmpeg's scaler (area averaging) and cv2's INTER_AREA give the same size and
     nearly the same pixels: a few grey levels apart, where a different frame is tens apart."""
     path, idx = videos / "test.avi", np.array([0, 80, 163])
     dec = read_frames(path, idx, short_side=120, resize="decoder").astype(np.int16)
@@ -283,3 +286,66 @@ def test_no_resize_at_the_native_short_side(videos: Path) -> None:
 def test_an_unknown_resize_is_refused(videos: Path) -> None:
     with pytest.raises(ValueError, match=r"decode.resize: unknown 'nearest' \(choose from decoder"):
         read_frames(videos / "test.avi", np.array([0]), short_side=60, resize="nearest")
+
+
+# -- memory and damaged files ---------------------------------------------------------------------
+
+
+def _write_big(path: Path, frames: int = 40, size: tuple[int, int] = (1280, 720)) -> None:
+    import av
+
+    w, h = size
+    with av.open(str(path), "w", format="avi") as out:
+        s = out.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for k in range(frames):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[:, (k * 16) % w :] = 200
+            out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(s.encode(None))
+
+
+@pytest.mark.parametrize("resize", ["decoder", "opencv"])
+def test_reading_keeps_only_the_planned_frames_at_the_output_size(
+    tmp_path: Path, resize: str
+) -> None:
+    """40 frames of 1280x720 are 110 MB as RGB; reading them all at short side 64 holds the
+    40 small frames (1 MB) and at most a full-size frame or two, never the whole video."""
+    import tracemalloc
+
+    path = tmp_path / "big.avi"
+    _write_big(path)
+    tracemalloc.start()
+    try:
+        frames = read_frames(path, np.arange(40), short_side=64, resize=resize)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert frames.shape == (40, 64, 114, 3)
+    assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_damaged_file_is_refused_the_same_way_every_time(tmp_path: Path, videos: Path) -> None:
+    """Bytes flipped inside test.avi: the decoder conceals the damage and flags the frames.
+    The file is refused, with the first damaged frame, by the probe and by a read that reaches
+    it; frames before the damage still read, the same bytes each time."""
+    data = bytearray((videos / "test.avi").read_bytes())
+    rng = np.random.default_rng(0)
+    for k in rng.integers(len(data) // 2, len(data), 40):
+        data[k] ^= 0xFF
+    path = tmp_path / "damaged.avi"
+    path.write_bytes(bytes(data))
+    errors = set()
+    for _ in range(2):
+        with pytest.raises(VideoDecodeError, match="is damaged") as e:
+            probe(path)
+        errors.add(str(e.value))
+        with pytest.raises(VideoDecodeError, match="is damaged") as e:
+            read_frames(path, np.array([0, 163]), short_side=32)
+        errors.add(str(e.value))
+    assert len(errors) == 1, errors
+    (msg,) = errors
+    first_bad = int(msg.split("frame ")[1].split()[0])
+    assert msg.startswith(f"{path}: frame ") and first_bad > 0
+    a = read_frames(path, np.arange(first_bad), short_side=32)
+    np.testing.assert_array_equal(a, read_frames(path, np.arange(first_bad), short_side=32))
