@@ -35,13 +35,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import (
+    Backbone2D,
+    Backbone3D,
+    BackboneName,
+    FeatureOutput,
+    ResNet2D,
+    ResNetBlock,
+)
 from pipeline.fingerprint import file_sha256
 
 if TYPE_CHECKING:
@@ -49,12 +57,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TORCHVISION_2D = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES_2D = (*TORCHVISION_2D, "efficientnet_lite0")
-BACKBONES_3D = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
-BACKBONES = (*BACKBONES_2D, *BACKBONES_3D)
-OUTPUTS = ("pooled", "taps", "maps")
-RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+# The choices of features.<stream>.backbone, from pipeline/config.py, which also checks that the
+# output (and taps) asked for is one the backbone has, when params.yaml is loaded.
+TORCHVISION_2D: tuple[str, ...] = get_args(ResNet2D)
+BACKBONES_2D: tuple[str, ...] = get_args(Backbone2D)
+BACKBONES_3D: tuple[str, ...] = get_args(Backbone3D)
+BACKBONES: tuple[str, ...] = get_args(BackboneName)
+RESNET_BLOCKS: tuple[str, ...] = get_args(ResNetBlock)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's video models were trained on Kinetics-400 with these statistics; used when the
@@ -106,9 +115,8 @@ class Backbone:
     levels: tuple[int, ...] | None  # per-tap dims for output "taps", else None
 
 
-def is_3d(name: str) -> bool:
+def is_3d(name: BackboneName) -> bool:
     """Whether backbone ``name`` is a 3D clip model (input (B, C, T, H, W))."""
-    _check_name(name)
     return name in BACKBONES_3D
 
 
@@ -221,11 +229,11 @@ RANDOM_INIT_SEED = 0
 
 
 def build_backbone(
-    name: str,
+    name: BackboneName,
     *,
     weights: str,
     in_channels: int = 3,
-    output: str = "pooled",
+    output: FeatureOutput = "pooled",
     taps: Sequence[str] = ("layer2", "layer3", "layer4"),
 ) -> Backbone:
     """A frozen, eval-mode feature extractor; ``in_channels`` != 3 applies cross-modality init.
@@ -239,40 +247,13 @@ def build_backbone(
     build the same network and write comparable features.
 
     Raises WeightsError, naming the file and the reason, when the weights cannot be had or do not
-    fit; never falls back to random weights.
+    fit; never falls back to random weights. The name, output and taps are a StreamFeaturesConfig's
+    (pipeline/config.py checks which go together).
     """
-    _check_name(name)
     taps = tuple(taps)
-    _check_output(name, output, taps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return _build(name, weights=weights, in_channels=in_channels, output=output, taps=taps)
-
-
-def _check_name(name: str) -> None:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
-
-
-def _check_output(name: str, output: str, taps: tuple[str, ...]) -> None:
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
-    if output != "pooled" and name in BACKBONES_3D:
-        raise ValueError(
-            f"output '{output}' is for 2D backbones; {name} is a 3D clip backbone and gives "
-            "pooled features only"
-        )
-    if output == "taps":
-        if name not in TORCHVISION_2D:
-            raise ValueError(
-                f"output 'taps' reads ResNet blocks {', '.join(RESNET_BLOCKS)}; {name} has none "
-                f"(use one of {', '.join(TORCHVISION_2D)})"
-            )
-        unknown = [t for t in taps if t not in RESNET_BLOCKS]
-        if not taps or unknown or len(set(taps)) != len(taps):
-            raise ValueError(
-                f"taps must be distinct names from {', '.join(RESNET_BLOCKS)}, got {list(taps)}"
-            )
 
 
 def torchvision_weights(enum: WeightsEnum, *, setting: str) -> tuple[Path, str]:

@@ -24,32 +24,10 @@ from torch import Tensor, nn
 from pipeline.backbones import Backbone, is_3d
 from pipeline.cache import FeatureCache, open_cache
 from pipeline.config import DecodeConfig, StreamFeaturesConfig
+from pipeline.identity import params_identity
 from pipeline.inputs import clip_input, flow_clip_input, flow_input, rgb_input
 from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
-
-CROPS = ("centre", "ten_mean", "ten_axis")
-SAMPLINGS = ("points", "clips")
-OUTPUTS = ("pooled", "taps", "maps")
-
-
-def params_identity(cfg: StreamFeaturesConfig) -> dict:
-    """The settings of ``cfg`` that decide the cached features (not batch size, threads or
-    device), stored as the cache's ``params`` attribute. Settings that do not apply to the
-    chosen output or sampling are left out, so changing them changes nothing."""
-    ident: dict = {
-        "backbone": cfg.backbone,
-        "weights": cfg.weights,
-        "output": cfg.output,
-        "crop": cfg.crop,
-        "crops": cfg.crops,
-        "sampling": cfg.sampling,
-    }
-    if cfg.output == "taps":
-        ident["taps"] = list(cfg.taps)
-    if cfg.sampling == "clips":
-        ident.update(clip_len=cfg.clip_len, clip_stride=cfg.clip_stride, max_clips=cfg.max_clips)
-    return ident
 
 
 def cache_attrs(
@@ -82,24 +60,6 @@ def cache_attrs(
         "versions": versions(),
         **upstream,
     }
-
-
-def check_settings(cfg: StreamFeaturesConfig) -> None:
-    """Refuse combinations that cannot work, before any video is read."""
-    for key, value, allowed in (
-        ("crops", cfg.crops, CROPS),
-        ("sampling", cfg.sampling, SAMPLINGS),
-        ("output", cfg.output, OUTPUTS),
-    ):
-        if value not in allowed:
-            raise ValueError(
-                f"features.{key}: unknown '{value}' (choose from {', '.join(allowed)})"
-            )
-    if is_3d(cfg.backbone) and cfg.sampling != "clips":
-        raise ValueError(
-            f"features: {cfg.backbone} is a 3D backbone and reads clips: set sampling: clips "
-            "(Res-LSTM: clip_len 16, clip_stride 8)"
-        )
 
 
 def views_kept(cfg: StreamFeaturesConfig) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from pipeline.config import FlowConfig, TVL1Config
+from pipeline.config import FlowConfig, Resize, TVL1Config
 from pipeline.fingerprint import file_sha256
 from pipeline.video import SamplePlan, read_frames
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # torch is imported lazily: the TV-L1 worker processes never 
 log = logging.getLogger(__name__)
 
 RAFT_ALGORITHMS = ("raft_small", "raft_large")
-ALGORITHMS = ("tvl1", "tvl1_fast", "farneback", *RAFT_ALGORITHMS)
 # tvl1_fast: the tvl1 block with fewer scales, warps and iterations. Measured on 10 pairs of each
 # of three real clips at short side 256 (bench/bench_stages.py): 2.6-3.1x faster than the
 # defaults, mean end-point error 0.09-0.22 px against them (mean |flow| 0.3-0.65 px), about one
@@ -76,11 +75,8 @@ def make_flow_fn(cfg: FlowConfig):  # noqa: ANN201 - returns a closure (prev, ne
         return lambda a, b: cv2.calcOpticalFlowFarneback(
             a, b, None, f.pyr_scale, f.levels, f.winsize, f.iterations, f.poly_n, f.poly_sigma, 0
         )
-    if cfg.algorithm in RAFT_ALGORITHMS:
-        raise ValueError(
-            f"flow.algorithm '{cfg.algorithm}' takes RGB pairs: use make_pairs_flow_fn"
-        )
-    raise ValueError(f"flow.algorithm: unknown '{cfg.algorithm}' (choose from {ALGORITHMS})")
+    # raft_small or raft_large: FlowConfig allows no other algorithm
+    raise ValueError(f"flow.algorithm '{cfg.algorithm}' takes RGB pairs: use make_pairs_flow_fn")
 
 
 PairsFlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -216,8 +212,6 @@ def raft_flow(
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
-    if iterations < 1:
-        raise ValueError(f"flow.raft.iterations must be >= 1, got {iterations}")
     device = next(model.parameters()).device
     p, h, w = first.shape[:3]
     top, bottom, left, right = raft_padding(h, w)
@@ -259,7 +253,7 @@ def video_flow(
     cfg: FlowConfig,
     *,
     short_side: int,
-    resize: str = "decoder",
+    resize: Resize = "decoder",
     size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Flow stacks of one video -> (N, L, 2, H, W) uint8: for point i and pair j the flow
@@ -301,10 +295,8 @@ def flow_settings(cfg: FlowConfig) -> dict:
     d: dict = {"algorithm": cfg.algorithm, "bound": cfg.bound}
     if cfg.algorithm == "farneback":
         d["farneback"] = asdict(cfg.farneback)
-    elif cfg.algorithm in ("tvl1", "tvl1_fast"):
-        d["tvl1"] = asdict(tvl1_settings(cfg))
     elif cfg.algorithm in RAFT_ALGORITHMS:
         d["raft"] = {"iterations": cfg.raft.iterations, "weights": raft_weights(cfg)[1]}
-    else:
-        raise ValueError(f"flow.algorithm: unknown '{cfg.algorithm}' (choose from {ALGORITHMS})")
+    else:  # tvl1 or tvl1_fast: FlowConfig allows no other algorithm
+        d["tvl1"] = asdict(tvl1_settings(cfg))
     return d

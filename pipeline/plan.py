@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import DecodeConfig
+from pipeline.config import ConfigError, DecodeConfig
 from pipeline.manifest import portable_path, resolve_path
 from pipeline.video import SamplePlan, decoder_id, dense_plan, sample_plan
 
@@ -59,15 +59,10 @@ class Plan:
 
 
 def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:
-    """The windows the decode settings sample from a video of ``frames`` frames."""
+    """The windows the decode settings sample from a video of ``frames`` frames. DecodeConfig
+    holds allowed values only (dense comes with flow_pairs 1), checked when it is made."""
     if settings.sampling == "dense":
-        if settings.flow_pairs != 1:  # L > 1 would store every flow field L times
-            raise ValueError(
-                "decode.sampling dense takes every pair once: set decode.flow_pairs: 1"
-            )
         return dense_plan(frames, pairs=1)
-    if settings.sampling != "points":
-        raise ValueError(f"decode.sampling: unknown '{settings.sampling}' (points or dense)")
     return sample_plan(frames, num_points=settings.num_frames, pairs=settings.flow_pairs)
 
 
@@ -101,11 +96,17 @@ def read_plan(path: Path) -> Plan:
             f"decodes with {decoder_id()!r} (format {FORMAT}): run the decode stage again "
             "(dvc repro decode)"
         )
-    return Plan(
-        DecodeConfig(**data["settings"]),
-        {
-            k: PlannedVideo(**(v | {"path": str(resolve_path(v["path"]))}))
-            for k, v in data["videos"].items()
-        },
-        decoder=made_by,
-    )
+    try:
+        return Plan(
+            DecodeConfig(**data["settings"]),
+            {
+                k: PlannedVideo(**(v | {"path": str(resolve_path(v["path"]))}))
+                for k, v in data["videos"].items()
+            },
+            decoder=made_by,
+        )
+    except (ConfigError, KeyError, TypeError) as e:  # settings no longer valid, fields missing
+        raise PlanError(
+            f"{path}: not a decode plan this code can use ({e}): run the decode stage again "
+            "(dvc repro decode)"
+        ) from e

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from pipeline.manifest import portable_path
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -82,19 +84,25 @@ FAILURE_FIELDS = ("video_id", "path", "stage", "reason")
 
 
 def write_failures(path: Path, failures: Iterable[Failure]) -> int:
-    """Write the failures CSV (header always present) and return how many rows it has."""
+    """Write the failures CSV (header always present) and return how many rows it has.
+
+    A video inside the project is written by its relative path, in the path column and in the
+    reason (which starts with the path the decoder was given, an absolute one), as the manifest
+    and the plan write it: a clone at another path then writes the same bytes, and DVC sees no
+    change."""
     rows = sorted(failures, key=lambda f: f.video_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(FAILURE_FIELDS)
         for f in rows:
-            w.writerow([f.video_id, f.path, f.stage, f.reason])
+            shown = portable_path(Path(f.path))
+            w.writerow([f.video_id, shown, f.stage, f.reason.replace(str(f.path), shown)])
     return len(rows)
 
 
 def read_failures(path: Path) -> list[Failure]:
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         return [Failure(**row) for row in csv.DictReader(fh)]
 
 

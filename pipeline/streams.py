@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
 from pipeline.engine import mean_over_views
-from pipeline.heads.res_lstm import sigma
+from pipeline.steps import sigma
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,15 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import cv2
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
+
+if TYPE_CHECKING:  # the choices only: decode.resize is checked when params.yaml is loaded
+    from pipeline.config import Resize
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +198,12 @@ def probe(path: Path) -> VideoInfo:
     return VideoInfo(frames=n, fps=float(rate) if rate else 0.0, width=width, height=height)
 
 
-RESIZES = ("decoder", "opencv")
-
-
-def check_resize(resize: str) -> None:
-    """Refuse an unknown ``decode.resize`` before any video is read."""
-    if resize not in RESIZES:
-        raise ValueError(f"decode.resize: unknown '{resize}' (choose from {', '.join(RESIZES)})")
-
-
 def read_frames(
     path: Path,
     indices: np.ndarray,
     *,
     short_side: int | None = None,
-    resize: str = "decoder",
+    resize: Resize = "decoder",
     size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
@@ -227,7 +222,6 @@ def read_frames(
     the file fails to decode (or a frame is flagged damaged) before the last requested frame.
     """
     path = Path(path)
-    check_resize(resize)
     _check_file(path)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size == 0 or idx.min() < 0:
@@ -244,7 +238,7 @@ def _read_sorted(
     wanted: np.ndarray,
     *,
     short_side: int | None,
-    resize: str,
+    resize: Resize,
     size: tuple[int, int] | None,
 ) -> np.ndarray:
     """Sorted distinct ``wanted`` frame indices -> (K, H, W, 3) uint8, in one forward decode."""
@@ -269,7 +263,7 @@ def _read_sorted(
 
 
 def _convert(
-    frame: av.VideoFrame, reformatter: VideoReformatter, width: int, height: int, resize: str
+    frame: av.VideoFrame, reformatter: VideoReformatter, width: int, height: int, resize: Resize
 ) -> np.ndarray:
     """One decoded frame -> (height, width, 3) uint8 RGB. The reformatter is reused across a
     video's frames and runs on one thread: by default swscale starts threads for every call,

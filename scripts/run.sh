@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point that works on a fresh machine with only Python 3.11:
 #   bash scripts/run.sh repro [dvc repro args]   create .venv if absent, run the DVC pipeline
-#   bash scripts/run.sh test  [pytest args]      create .venv if absent, run the test suite
+#   bash scripts/run.sh test  [pytest args]      create .venv if absent, run the whole test suite (CI)
+#   bash scripts/run.sh quick [pytest args]      the same without tests marked slow (under a minute)
 # The venv is (re)built when pyproject.toml or constraints.txt change.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,8 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=${1:-}
 shift || true
 case "$what" in
-  repro|test) ;;
-  *) echo "usage: bash scripts/run.sh repro|test [args...]" >&2; exit 2 ;;
+  repro|test|quick) ;;
+  *) echo "usage: bash scripts/run.sh repro|test|quick [args...]" >&2; exit 2 ;;
 esac
 
 py=${PYTHON:-}
@@ -37,5 +38,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 if [ "$what" = repro ]; then
   exec dvc repro "$@"
+fi
+if [ "$what" = quick ]; then
+  exec python -m pytest -m "not slow" "$@"
 fi
 exec python -m pytest "$@"

@@ -11,7 +11,7 @@ from pipeline.config import DecodeConfig, section
 from pipeline.datasets import read_manifest
 from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
 from pipeline.runner import Counts, Failure, finish, map_videos
-from pipeline.video import check_resize, read_frames
+from pipeline.video import read_frames
 
 
 def _check(item: tuple[str, str, int, str, int, int], cfg: DecodeConfig) -> PlannedVideo:
@@ -23,7 +23,6 @@ def _check(item: tuple[str, str, int, str, int, int], cfg: DecodeConfig) -> Plan
 
 
 def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts:
-    check_resize(cfg.resize)
     m = read_manifest(manifest)
     with probe.open(newline="", encoding="utf-8") as fh:  # ids hold any Unicode letter
         rows = {r["video_id"]: r for r in csv.DictReader(fh)}

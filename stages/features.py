@@ -21,6 +21,7 @@ from pipeline.cache import CacheError, open_cache
 from pipeline.config import (
     DEFAULT_CACHE,
     CacheConfig,
+    ConfigError,
     DecodeConfig,
     StreamFeaturesConfig,
     section,
@@ -67,6 +68,25 @@ def _upstream(
     raise SystemExit(f"features: unknown stream '{stream}' (rgb or flow)")
 
 
+def _check_upstream(cfg: StreamFeaturesConfig, *, stream: str, sampling: dict, made: Path) -> None:
+    """Refuse, once and before any video, settings that cannot work on the frames or flow
+    upstream (``sampling``: the decode settings recorded in ``made``, the plan or the flow
+    cache): each video would fail alone. Loading params.yaml checks the same against its decode
+    section; this checks what was actually made."""
+    short = sampling["short_side"]
+    if cfg.crop > short:
+        raise ConfigError(
+            f"features.{stream}.crop: {cfg.crop} is larger than the short side {short} of the "
+            f"frames it crops ({made}: decode.short_side {short})"
+        )
+    if stream == "flow" and is_3d(cfg.backbone) and sampling["flow_pairs"] != 1:
+        raise ConfigError(
+            f"features.flow.backbone: {cfg.backbone} is a 3D backbone: its flow clips take one "
+            f"flow field per step, and {made} has {sampling['flow_pairs']} per point "
+            "(decode.flow_pairs: 1, decode.sampling: dense)"
+        )
+
+
 def main(
     cfg: StreamFeaturesConfig,
     *,
@@ -75,13 +95,14 @@ def main(
     out: Path,
     cache_cfg: CacheConfig = DEFAULT_CACHE,
 ) -> Counts:
-    extract.check_settings(cfg)
     device = resolve_device(cfg.device)
     world = init_world(device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
     torch.set_num_threads(world.cores(cfg.threads))
     items, sources, upstream, in_ch, decoding = _upstream(stream, source)
+    made = source / ("plan.json" if stream == "rgb" else "cache")
+    _check_upstream(cfg, stream=stream, sampling=upstream["sampling"], made=made)
     # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
     bb = build_backbone(
         cfg.backbone,
@@ -181,7 +202,8 @@ if __name__ == "__main__":
             out=args.out,
             cache_cfg=section(params, "cache", CacheConfig),
         )
-    except (CacheError, PlanError, WeightsError) as e:
-        # each names the file and the reason (a damaged cache or full disk, a plan from another
-        # decoder, weights that cannot be had): a trace would only bury it
+    except (CacheError, ConfigError, PlanError, WeightsError) as e:
+        # each names the file and the reason (a damaged cache or full disk, settings that do
+        # not fit the frames upstream, a plan from another decoder, weights that cannot be had):
+        # a trace would only bury it
         raise SystemExit(f"features ({args.stream}): {e}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FusionConfig, RunConfig, section
-from pipeline.fusion import FUSIONS, fuse_scores, svm_fuse
+from pipeline.fusion import fuse_scores, svm_fuse
 from pipeline.scores import ScoreTable, concat, load_score_dir, write_scores
 
 log = logging.getLogger("fuse")
@@ -32,11 +32,6 @@ def _aligned(
 
 
 def main(cfg: FusionConfig, run: RunConfig, *, scores: Path, out: Path) -> None:
-    unknown = set(cfg.methods) - set(FUSIONS)
-    if unknown:
-        raise SystemExit(
-            f"params.yaml: fusion.methods has unknown {sorted(unknown)} (choose from {FUSIONS})"
-        )
     by_head: dict[str, dict[str, ScoreTable]] = {}
     for (head, stream), table in load_score_dir(scores, run.trained()).items():
         if stream in cfg.streams:  # joint-input models (rgb+flow) are already fused inside

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheError
-from pipeline.config import ConfigError, StreamFeaturesConfig, TrainConfig, section
+from pipeline.config import ConfigError, StreamFeaturesConfig, TrainConfig, head_section, section
 from pipeline.datasets import read_manifest
 from pipeline.engine import (
     fit,
@@ -29,8 +29,8 @@ from pipeline.engine import (
     seed_everything,
     split_head_params,
 )
-from pipeline.extract import params_identity
-from pipeline.heads import build_head, head_arguments
+from pipeline.heads import build_head, get_head_class, head_arguments
+from pipeline.identity import params_identity
 from pipeline.runner import resolve_workers
 from pipeline.scores import ScoreTable, concat, write_scores
 from pipeline.streams import StreamError, check_head, load_features, open_streams, per_video
@@ -157,7 +157,9 @@ def main(
             "test_top1": acc,
             "loss_first": losses[0],
             "loss_last": losses[-1],
-            "seconds": round(time.perf_counter() - t0, 2),
+            # no seconds here: train_log.json is in the stage's DVC output, whose hash must
+            # depend on inputs and params only, or every re-run would re-run fuse and evaluate.
+            # The time is in the log line above.
             **{f"test_{k}": v for k, v in report.items()},
         }
         for k, v in report.items():
@@ -199,9 +201,14 @@ if __name__ == "__main__":
             },
         },
     )
-    hp = params.get("heads", {}).get(args.head)
-    if hp is None:
-        raise SystemExit(f"params.yaml: no section heads.{args.head}")
+    try:  # the head's section against its constructor, before any cache is opened
+        head = get_head_class(args.head)
+    except KeyError as e:  # its message lists the heads there are
+        raise SystemExit(f"train: {e.args[0]}") from None
+    try:
+        hp = head_section(params, args.head, head, source=str(args.params))
+    except ConfigError as e:
+        raise SystemExit(f"train: {e}") from None
     main(
         args.head,
         args.stream,

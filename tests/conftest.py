@@ -8,12 +8,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+T = TypeVar("T")
+
+
+def slow_cases(values: Sequence[T], slow: Collection[T]) -> list:
+    """``values`` for ``@pytest.mark.parametrize`` with the cases in ``slow`` marked slow, so
+    that a parametrized test keeps its quick cases in the quick tier (`bash scripts/run.sh
+    quick`). A name in ``slow`` that is not a case is an error: a renamed case must not move
+    to the quick tier unnoticed."""
+    unknown = [v for v in slow if v not in values]
+    if unknown:
+        raise ValueError(f"slow_cases: {unknown} are not among the cases {list(values)}")
+    return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
 
 
 @pytest.fixture(scope="session")

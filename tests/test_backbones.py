@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import assert_close_rel, random_clips
+from conftest import assert_close_rel, random_clips, slow_cases
 
 from pipeline import backbones
 from pipeline.backbones import (
@@ -71,11 +71,6 @@ def test_every_backbone_maps_images_to_features(name: str) -> None:
     # Different images, different features. Relative: a randomly initialised EfficientNet-Lite0
     # in eval mode has features of ~1e-8 (its activations shrink through the depth).
     assert (y[0] - y[1]).abs().max() > 1e-3 * y.abs().max() > 0
-
-
-def test_unknown_backbone() -> None:
-    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
-        build_backbone("vgg16", weights="none")
 
 
 # -- weights files and cross-modality initialisation -----------------------------------------
@@ -330,8 +325,6 @@ def test_registry_of_all_backbones() -> None:
     assert set(BACKBONES_3D) == set(DIMS_3D)
     assert BACKBONES == (*BACKBONES_2D, *BACKBONES_3D)
     assert [n for n in BACKBONES if is_3d(n)] == list(BACKBONES_3D)
-    with pytest.raises(ValueError, match="unknown backbone 'i3d'"):
-        is_3d("i3d")
 
 
 @pytest.mark.parametrize("name", BACKBONES_3D)
@@ -351,7 +344,8 @@ def test_every_3d_backbone_maps_clips_to_features(name: str) -> None:
     assert (y[0] - y[1]).abs().max() > 1e-3 * y.abs().max() > 0
 
 
-@pytest.mark.parametrize("name", BACKBONES_3D)
+# slow: 1.4-1.8 s each (measured on 2 shared cores); mc3_18 and s3d take under 1 s
+@pytest.mark.parametrize("name", slow_cases(BACKBONES_3D, {"r2plus1d_18", "r3d_18"}))
 def test_3d_weights_file_gives_the_features_its_classifier_reads(name: str, tmp_path: Path) -> None:
     """A saved torchvision model loads by path; its features are exactly the input of that
     model's own classifier (so logits recomputed from them equal the model's logits)."""
@@ -489,21 +483,3 @@ def test_efficientnet_maps_average_to_the_pooled_features() -> None:
         m = maps.model(x)
         torch.testing.assert_close(m.mean(dim=(2, 3)), pooled.model(x))
     assert m.shape == (1, 1280, 2, 2)
-
-
-@pytest.mark.parametrize("name", BACKBONES_3D)
-@pytest.mark.parametrize("output", ["taps", "maps"])
-def test_3d_backbones_refuse_taps_and_maps(name: str, output: str) -> None:
-    with pytest.raises(ValueError, match=f"output '{output}' is for 2D backbones; {name} is a 3D"):
-        build_backbone(name, weights="none", output=output)
-
-
-def test_taps_are_refused_where_there_are_no_resnet_blocks() -> None:
-    with pytest.raises(ValueError, match="efficientnet_lite0 has none"):
-        build_backbone("efficientnet_lite0", weights="none", output="taps")
-    with pytest.raises(ValueError, match=r"taps must be distinct names .* got \['layer5'\]"):
-        build_backbone("resnet18", weights="none", output="taps", taps=("layer5",))
-    with pytest.raises(ValueError, match="taps must be distinct"):
-        build_backbone("resnet18", weights="none", output="taps", taps=("layer2", "layer2"))
-    with pytest.raises(ValueError, match="output must be one of pooled, taps, maps"):
-        build_backbone("resnet18", weights="none", output="conv5")

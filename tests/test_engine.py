@@ -55,11 +55,6 @@ def test_split_head_params_defaults_what_is_missing() -> None:
     assert kwargs == {"dropout": 0.2}
 
 
-def test_split_head_params_rejects_an_unknown_optimizer() -> None:
-    with pytest.raises(ValueError, match="optimizer must be one of.*'adamw'"):
-        split_head_params({"optimizer": "adamw"})
-
-
 def test_repo_head_sections_build_their_heads() -> None:
     from pathlib import Path
 

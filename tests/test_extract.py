@@ -12,7 +12,6 @@ from torch import nn
 from pipeline.config import StreamFeaturesConfig
 from pipeline.extract import (
     arrange,
-    check_settings,
     forward_batched,
     layout,
     params_identity,
@@ -108,19 +107,6 @@ def test_params_identity_leaves_out_what_does_not_apply() -> None:
     assert params_identity(_cfg(clip_len=99)) == base  # only read with sampling: clips
     assert params_identity(_cfg(output="taps"))["taps"] == ["layer2", "layer3", "layer4"]
     assert params_identity(_cfg(sampling="clips", max_clips=20))["max_clips"] == 20
-
-
-@pytest.mark.parametrize(
-    ("kw", "match"),
-    [
-        ({"crops": "five"}, "features.crops: unknown 'five'"),
-        ({"output": "logits"}, "features.output: unknown 'logits'"),
-        ({"backbone": "r3d_18"}, "3D backbone and reads clips"),
-    ],
-)
-def test_check_settings_refuses_what_cannot_work(kw: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        check_settings(_cfg(**kw))
 
 
 def test_forward_batched_with_a_3d_model_and_with_maps() -> None:

@@ -17,14 +17,18 @@ from conftest import kill_when_cached, prepare_tiny_demo
 from pipeline.cache import open_cache
 from pipeline.config import (
     CacheConfig,
+    ConfigError,
     DatasetConfig,
     DecodeConfig,
     FlowConfig,
     StreamFeaturesConfig,
     TrainConfig,
 )
-from pipeline.extract import params_identity
+from pipeline.identity import params_identity
 from stages import decode, features, flow, prepare, train
+
+# Every test runs the features stage (on the tiny demo; two under kill -9 or torchrun).
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 R18 = StreamFeaturesConfig(backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1)
@@ -126,17 +130,25 @@ def test_3d_clips_rgb_and_flow(dense: Path, tmp_path: Path) -> None:
     assert rgb.shape == (2, 512) and fl.shape == (1, 512)
 
 
-def test_3d_flow_refuses_stacked_flow(tiny_demo: Path, tmp_path: Path) -> None:
+def test_3d_flow_refuses_stacked_flow_once_before_any_video(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """Stacks of 2 flow fields per point cannot make 3D flow clips: the stage stops once, naming
+    the flow cache, where it used to fail every video on its own."""
     flow.main(
         FlowConfig(algorithm="farneback", workers=1),
         plan_path=tiny_demo / "decode/plan.json",
         out=tmp_path / "flow",
     )
     cfg = dataclasses.replace(R18, backbone="r3d_18", sampling="clips", clip_len=4, clip_stride=2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError) as e:
         features.main(cfg, stream="flow", source=tmp_path / "flow", out=tmp_path / "f3d")
-    fails = (tmp_path / "f3d/failures.csv").read_text()
-    assert "decode.sampling: dense" in fails
+    assert str(e.value) == (
+        "features.flow.backbone: r3d_18 is a 3D backbone: its flow clips take one flow field per "
+        f"step, and {tmp_path / 'flow/cache'} has 2 per point (decode.flow_pairs: 1, "
+        "decode.sampling: dense)"
+    )
+    assert not (tmp_path / "f3d").exists()
 
 
 def test_hdf5_backend_holds_the_same_features(tiny_demo: Path, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.engine import TrainSettings, fit
 from pipeline.heads import build_head
-from pipeline.heads.res_lstm import ResLSTM, pca_components, sigma
+from pipeline.heads.res_lstm import ResLSTM, pca_components
+from pipeline.steps import sigma
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

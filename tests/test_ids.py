@@ -78,6 +78,7 @@ def test_cache_keeps_ids_with_slashes_and_unicode(tmp_path: Path, backend: str) 
             assert bad not in c
 
 
+@pytest.mark.slow  # runs every stage
 def test_unicode_and_nested_names_go_through_every_stage(
     unicode_folder: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +150,7 @@ def test_unicode_and_nested_names_go_through_every_stage(
     assert per_class.splitlines()[1].startswith("running,")
 
 
+@pytest.mark.slow  # runs the prepare stage
 def test_csv_listing_a_file_twice_is_one_failure_and_the_rest_goes_on(
     tmp_path: Path, videos: Path
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_rel, random_clips
+from conftest import assert_close_rel, random_clips, slow_cases
 from torch import nn
 
 from pipeline.backbones import BACKBONES, build_backbone, is_3d
@@ -54,7 +54,8 @@ def _n_bn(model: nn.Module) -> int:
 # -- batch norm folding -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BACKBONES)
+# slow: 1.2-3 s each (measured on 2 shared cores); the other backbones take under 0.6 s
+@pytest.mark.parametrize("name", slow_cases(BACKBONES, {"mc3_18", "r2plus1d_18", "r3d_18"}))
 def test_folding_removes_every_batch_norm_and_keeps_the_features(name: str) -> None:
     """Every backbone, subclassed convolutions included (torchvision's Conv3DSimple,
     EfficientNet's same-padding Conv2d), loses all its batch norms and computes the same."""
@@ -166,8 +167,6 @@ def test_precision_resolution() -> None:
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     with pytest.raises(ValueError, match="fp16 is for GPUs"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        resolve_precision("int8", cpu)
     assert resolve_device("cpu") == cpu
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
@@ -221,6 +220,7 @@ def _small_net() -> nn.Module:
     ).eval()
 
 
+@pytest.mark.slow  # torch.compile: ~2.5 s
 def test_the_compiled_model_gives_the_eager_outputs(one_thread: None) -> None:
     net = _small_net()
     x = torch.randn(4, 3, 16, 16)

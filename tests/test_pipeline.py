@@ -97,6 +97,28 @@ def test_head_param_change_reruns_only_that_head(project: Path) -> None:
     assert _status(project) == set()
 
 
+@pytest.mark.parametrize(
+    ("edited", "marked"),
+    [
+        ("pipeline/heads/lstm.py", {"train@lstm-rgb", "train@lstm-flow"}),
+        ("pipeline/fusion.py", {"fuse"}),
+        ("pipeline/inputs.py", {"features@rgb", "features@flow"}),
+    ],
+)
+def test_editing_one_file_marks_only_the_stages_that_run_it(
+    project: Path, edited: str, marked: set[str]
+) -> None:
+    """dvc.yaml's deps are each stage's import closure (tests/test_deps.py), and a train stage
+    imports only its own head: editing lstm.py marks the lstm stages and no other."""
+    with (project / edited).open("a") as fh:
+        fh.write("\n# an edit\n")
+    try:
+        assert _status(project) == marked
+    finally:
+        _run(["git", "checkout", edited], project)
+    assert _status(project) == set()
+
+
 def test_exp_run_set_param_skips_extraction(project: Path) -> None:
     feats = project / "data/features/rgb/cache"
     before = sorted((p.name, p.stat().st_mtime_ns) for p in feats.iterdir())
@@ -107,3 +129,14 @@ def test_exp_run_set_param_skips_extraction(project: Path) -> None:
     assert not ran & set(EXTRACTION), f"extraction re-ran: {ran}"
     assert not ran & {"train@mean_pool-rgb", "train@mean_pool-flow"}
     assert sorted((p.name, p.stat().st_mtime_ns) for p in feats.iterdir()) == before
+
+
+def test_forced_retrain_leaves_dvc_lock_and_downstream_stages_as_they_were(project: Path) -> None:
+    """A train stage re-run on the same inputs writes the same bytes (no timings in its output,
+    tests/test_reproducible.py), so DVC records the same hash: dvc.lock does not change, and
+    fuse and evaluate are not marked for a re-run."""
+    lock = (project / "dvc.lock").read_bytes()
+    assert _status(project) == set()
+    _run(["dvc", "repro", "--force", "--single-item", "train@mean_pool-rgb"], project)
+    assert _status(project) == set()
+    assert (project / "dvc.lock").read_bytes() == lock

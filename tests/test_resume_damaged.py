@@ -22,6 +22,9 @@ from pipeline.cache import open_cache
 from pipeline.config import CacheConfig, FlowConfig, StreamFeaturesConfig
 from stages import features, flow
 
+# Every test runs the flow or features stage on a damaged cache (two under torchrun).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = FlowConfig(algorithm="farneback", workers=1)
 R18 = StreamFeaturesConfig(backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1)

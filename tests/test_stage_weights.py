@@ -24,7 +24,8 @@ from pipeline.config import FlowConfig, RaftConfig, StreamFeaturesConfig
 from stages import features as features_stage
 from stages import flow as flow_stage
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: every test runs the features or flow stage, two of them as a command
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 RESNET18 = StreamFeaturesConfig(
     backbone="resnet18", weights="imagenet", crop=32, batch_size=4, threads=1, device="cpu"

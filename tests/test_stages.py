@@ -30,6 +30,9 @@ from pipeline.demo import render, write_video
 from pipeline.plan import Plan, read_plan, write_plan
 from stages import decode, features, flow, prepare
 
+# Every test runs stages (some under kill -9 or torchrun).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DEMO = DemoConfig(videos_per_class=4, frames=12, size=32)
 

@@ -19,14 +19,16 @@ from pipeline import streams
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, TrainConfig
 from pipeline.datasets import read_manifest
-from pipeline.extract import params_identity
 from pipeline.heads import build_head
+from pipeline.identity import params_identity
 from pipeline.manifest import Manifest, VideoRecord, write_manifest
 from pipeline.scores import read_scores
 from pipeline.streams import StreamError
 from stages import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# Tests marked slow run the train stage (stages.train.main, or its command line): the
+# quick tier (`bash scripts/run.sh quick`) keeps the ones on pipeline/streams.py alone.
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_OOF = TrainConfig(oof_folds=0, threads=1)
@@ -123,6 +125,7 @@ def test_equal_lengths_without_steps_stay_as_cached(tmp_path: Path) -> None:
         np.testing.assert_array_equal(f.videos[v][0], a)
 
 
+@pytest.mark.slow
 def test_joint_streams_of_k_and_k_minus_1_clips_are_each_resampled_then_concatenated(
     tmp_path: Path,
 ) -> None:
@@ -173,6 +176,7 @@ def _views_cache(tmp: Path, manifest: Path, d: int = 3) -> tuple[Path, dict[str,
     return _cache(tmp / "rgb", arrays, layout="(V, T, D)"), arrays
 
 
+@pytest.mark.slow
 def test_views_train_one_sample_per_view_and_score_each_video_by_its_views_mean(
     tmp_path: Path,
 ) -> None:
@@ -220,6 +224,7 @@ def test_per_video_scores_are_the_mean_softmax_of_the_views() -> None:
     assert streams.per_video(probs, groups, views=False) is probs
 
 
+@pytest.mark.slow
 def test_views_oof_folds_keep_each_videos_views_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,6 +286,7 @@ def _maps_cache(tmp: Path, manifest: Path) -> Path:
     return _cache(tmp / "rgb", arrays, layout="(T, C, H, W)", dim=8)
 
 
+@pytest.mark.slow
 def test_conv_maps_train_tsrnn_end_to_end(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, per_class=4, test=1)
     out = tmp_path / "out"
@@ -301,6 +307,7 @@ def test_conv_maps_train_tsrnn_end_to_end(tmp_path: Path) -> None:
     assert len(table.video_id) == 8 and np.allclose(table.scores.sum(1), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_conv_maps_with_a_vector_head_fail_before_training_naming_head_and_layout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,6 +333,7 @@ def test_conv_maps_with_a_vector_head_fail_before_training_naming_head_and_layou
 # -- item 4: cache metadata against params ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_written_with_other_features_params_fails_naming_path_setting_and_values(
     tmp_path: Path,
 ) -> None:
@@ -358,6 +366,7 @@ def test_cache_written_with_other_features_params_fails_naming_path_setting_and_
     assert (tmp_path / "ok" / "scores.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_params_check_compares_with_params_yaml_features_sections(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, per_class=3, test=1)
     arrays = {vid: np.zeros((3, 4)) for vid, _ in _ids(manifest)}
@@ -379,9 +388,9 @@ def test_cli_params_check_compares_with_params_yaml_features_sections(tmp_path: 
 
 
 def test_expected_params_come_from_each_streams_features_section() -> None:
-    params = {"features": {"rgb": {"backbone": "r3d_18"}, "flow": {"sampling": "clips"}}}
+    params = {"features": {"rgb": {"backbone": "resnet34"}, "flow": {"sampling": "clips"}}}
     rgb, flow = train.expected_params(params, "rgb+flow", 2)
-    assert rgb["backbone"] == "r3d_18" and "clip_len" not in rgb
+    assert rgb["backbone"] == "resnet34" and "clip_len" not in rgb
     assert flow["sampling"] == "clips" and flow["clip_len"] == 16
     with pytest.raises(SystemExit, match="features.flow"):
         train.expected_params({"features": {"rgb": {}}}, "rgb+flow", 2)
@@ -397,6 +406,7 @@ def _taps_cache(tmp: Path, manifest: Path, levels: list[int] | None) -> Path:
     ("cached", "match"),
     [([8, 4, 4], r"levels is \[4, 4, 8\].*has levels \[8, 4, 4\]"), (None, "has no levels")],
 )
+@pytest.mark.slow
 def test_sru_levels_that_contradict_the_cache_fail(
     tmp_path: Path, cached: list[int] | None, match: str
 ) -> None:
@@ -416,6 +426,7 @@ def test_sru_levels_that_contradict_the_cache_fail(
 
 
 @pytest.mark.parametrize("levels", [[4, 4, 8], None])
+@pytest.mark.slow
 def test_sru_levels_equal_to_the_cache_or_null_train(tmp_path: Path, levels: list | None) -> None:
     manifest = _manifest(tmp_path, per_class=3, test=1)
     d = _taps_cache(tmp_path, manifest, [4, 4, 8])
@@ -443,6 +454,7 @@ def test_array_not_matching_its_layout_or_dim_fails_naming_the_cache(tmp_path: P
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.slow
 def test_training_on_a_cache_with_a_lost_data_file_stops_naming_it(
     tmp_path: Path, backend: str
 ) -> None:

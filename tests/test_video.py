@@ -283,11 +283,6 @@ def test_no_resize_at_the_native_short_side(videos: Path) -> None:
     np.testing.assert_array_equal(read_frames(path, idx, short_side=240, resize="opencv"), full)
 
 
-def test_an_unknown_resize_is_refused(videos: Path) -> None:
-    with pytest.raises(ValueError, match=r"decode.resize: unknown 'nearest' \(choose from decoder"):
-        read_frames(videos / "test.avi", np.array([0]), short_side=60, resize="nearest")
-
-
 # -- memory and damaged files ---------------------------------------------------------------------
 
 

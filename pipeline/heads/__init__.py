@@ -1,18 +1,26 @@
 """The temporal-head registry (after torchvision's ``models/_api.py``).
 
 Every head maps features (B, T, D) to logits (B, num_classes), takes keyword-only constructor
-arguments ``(*, in_dim, num_classes, ...)`` and is registered under its params.yaml name.
+arguments ``(*, in_dim, num_classes, ...)`` and is registered under its params.yaml name, in the
+module of the same name (``pipeline/heads/<name>.py``).
+
+Heads are imported when first asked for, not all at once: a train stage imports only its own
+head's module, so dvc.yaml can list that one file as its dependency (tests/test_deps.py) and a
+change to one head re-runs that head's stages only. ``head_names()`` lists the heads without
+importing them; ``load_all()`` imports every one (tests, the config check of params.yaml).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-HEADS: dict[str, type[nn.Module]] = {}
+HEADS: dict[str, type[nn.Module]] = {}  # the heads imported so far (see load_all)
 
 
 def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -32,9 +40,23 @@ def head_arguments(name: str) -> set[str]:
     return {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"in_dim", "num_classes"}
 
 
+def head_names() -> list[str]:
+    """Every head's name (its module's name), sorted, without importing any of them."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load_all() -> dict[str, type[nn.Module]]:
+    """Import every head module -> HEADS, every registered head."""
+    for name in head_names():
+        get_head_class(name)
+    return HEADS
+
+
 def get_head_class(name: str) -> type[nn.Module]:
+    if name not in HEADS and name in head_names():
+        importlib.import_module(f"{__name__}.{name}")  # registers it
     if name not in HEADS:
-        raise KeyError(f"unknown head '{name}' (registered: {', '.join(sorted(HEADS))})")
+        raise KeyError(f"unknown head '{name}' (registered: {', '.join(head_names())})")
     return HEADS[name]
 
 
@@ -48,16 +70,3 @@ def build_head(name: str, *, in_dim: int, num_classes: int, **kwargs: Any) -> nn
             f"(it takes {sorted(head_arguments(name))})"
         )
     return cls(in_dim=in_dim, num_classes=num_classes, **kwargs)
-
-
-def _import_all() -> None:
-    """Import every module of this package: each registers its head(s) on import."""
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
-_import_all()

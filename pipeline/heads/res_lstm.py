@@ -9,23 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.heads import register_head
+from pipeline.steps import sigma
 
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("pca", "learned")
-
-
-def sigma(k: int, t: int) -> list[int]:
-    """The paper's subset of T of the K input steps (section 3.1), 0-based:
-    sigma(t) = 1 + floor((t - 1)(K - 1) / (T - 1)) for t = 1..T, minus one.
-
-    Evenly spread, first and last step always kept; K < T repeats steps as the formula gives.
-    T = 1 (the formula's 0/0) keeps the first step."""
-    if k < 1 or t < 1:
-        raise ValueError(f"res_lstm: sigma needs K >= 1 and T >= 1, got K={k}, T={t}")
-    if t == 1:
-        return [0]
-    return [(i * (k - 1)) // (t - 1) for i in range(t)]
 
 
 def pca_components(x: Tensor, k: int, *, chunk: int = 65536) -> tuple[Tensor, Tensor]:
