@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import yaml
 
-from pipeline.video import probe, read_frames, sample_plan, scaled_size
+from pipeline.video import Decoding, probe, read_frames, sample_plan, scaled_size
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT.parent / "shared" / "testdata" / "videos"
@@ -70,7 +70,9 @@ def bench_speed() -> None:
         idx = sample_plan(info.frames, num_points=25, pairs=5).needed()
         for side in (256, 128):
             size = scaled_size(info.width, info.height, side)
-            exact = _median_ms(lambda p=path, i=idx, s=side: read_frames(p, i, short_side=s))
+            exact = _median_ms(
+                lambda p=path, i=idx, s=side: read_frames(p, i, decoding=Decoding(short_side=s))
+            )
             old = _median_ms(lambda p=path, i=idx, z=size: _decord_read(p, i, z))
             print(
                 f"{name:<24} {info.frames:>6} {info.width:>4}x{info.height:<4} {side:>4} "
@@ -85,7 +87,9 @@ def bench_resize() -> None:
         idx = np.arange(0, probe(path).frames, 2)
         ms = {
             how: _median_ms(
-                lambda p=path, i=idx, h=how: read_frames(p, i, short_side=128, resize=h)
+                lambda p=path, i=idx, h=how: read_frames(
+                    p, i, decoding=Decoding(short_side=128, resize=h)
+                )
             )
             / len(idx)
             for how in ("decoder", "opencv")
@@ -133,7 +137,7 @@ def bench_correctness() -> None:
         row = []
         for idx in (plan.points, plan.windows.reshape(-1)):
             uniq, inv = np.unique(idx, return_inverse=True)
-            exact = read_frames(path, uniq, short_side=64, resize="opencv")[inv]
+            exact = read_frames(path, uniq, decoding=Decoding(short_side=64, resize="opencv"))[inv]
             import decord
 
             vr = decord.VideoReader(str(path), num_threads=1)

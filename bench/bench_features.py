@@ -75,14 +75,11 @@ def _inputs(cfg: StreamFeaturesConfig, dec: Path, mean: tuple, std: tuple) -> li
     """The network inputs the stage computes (its own decoding Dataset), decoded up front: what
     the bare figure runs on."""
     plan = read_plan(dec / "plan.json")
-    items = [
-        extract.Item(k, v.path, tuple(v.points), v.frames, v.size) for k, v in plan.videos.items()
-    ]
     data = extract.VideoInputs(
         cfg,
         stream="rgb",
-        items=items,
-        decoding=plan.settings,
+        ids=list(plan.videos),
+        plan=plan,
         flow_cache=None,
         mean=mean,
         std=std,

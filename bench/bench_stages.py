@@ -35,9 +35,9 @@ from pipeline.config import (
 )
 from pipeline.demo import generate_demo
 from pipeline.flow import video_flow
-from pipeline.plan import sampling
+from pipeline.plan import decoding, sampling
 from pipeline.runner import map_videos
-from pipeline.video import probe, read_frames
+from pipeline.video import Decoding, probe, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_AVI = ROOT.parent / "shared" / "testdata" / "videos" / "test.avi"
@@ -51,8 +51,10 @@ def _timed(fn, *args, **kw):  # noqa: ANN001, ANN202
 
 def _flow_one(path: str, *, dec: DecodeConfig, cfg: FlowConfig) -> int:
     cv2.setNumThreads(1)
-    plan = sampling(dec, probe(Path(path)).frames)
-    video_flow(Path(path), plan, cfg, short_side=dec.short_side)
+    info = probe(Path(path))
+    plan = sampling(dec, info.frames)
+    # as the flow stage reads a planned video: every decode setting, and the probed size
+    video_flow(Path(path), plan, cfg, decoding=decoding(dec, size=(info.width, info.height)))
     return len(plan.pairs())
 
 
@@ -180,8 +182,10 @@ def main() -> None:
         rows.append(("demo", "generate", len(paths) / gen_s, "videos/s"))
         t = time.perf_counter()
         for p in paths:
-            plan = sampling(dec, probe(Path(p)).frames)
-            read_frames(Path(p), plan.needed(), short_side=dec.short_side)
+            info = probe(Path(p))
+            plan = sampling(dec, info.frames)
+            size = info.width, info.height
+            read_frames(Path(p), plan.needed(), decoding=decoding(dec, size=size))
         rows.append(
             (
                 "demo",
@@ -201,7 +205,7 @@ def main() -> None:
                     f"pairs/s ({vps:.2f} videos/s)",
                 )
             )
-        frames = read_frames(Path(paths[0]), np.arange(dec.num_frames), short_side=dec.short_side)
+        frames = read_frames(Path(paths[0]), np.arange(dec.num_frames), decoding=decoding(dec))
         x = rgb_input(
             np.concatenate([frames] * 3), crop=feat.crop, mean=(0.5,) * 3, std=(0.25,) * 3
         )
@@ -229,7 +233,7 @@ def main() -> None:
     if TEST_AVI.exists():
         real = DecodeConfig(num_frames=25, flow_pairs=5, short_side=256, workers=1)
         plan = sampling(real, probe(TEST_AVI).frames)
-        _, dt = _timed(read_frames, TEST_AVI, plan.needed(), short_side=real.short_side)
+        _, dt = _timed(read_frames, TEST_AVI, plan.needed(), decoding=decoding(real))
         rows.append(("test.avi", "decode 150 planned frames at 256px", 1 / dt, "videos/s"))
         # decode.resize: the decoder's scaler against decoding at full size and cv2 INTER_AREA,
         # every other frame at short side 128 (Res-LSTM's clips)
@@ -239,7 +243,8 @@ def main() -> None:
             ms = {}
             for how in ("decoder", "opencv"):  # best of 3: this shared machine has slow spells
                 dt = min(
-                    _timed(read_frames, path, idx, short_side=128, resize=how)[1] for _ in range(3)
+                    _timed(read_frames, path, idx, decoding=Decoding(short_side=128, resize=how))[1]
+                    for _ in range(3)
                 )
                 ms[how] = dt / len(idx) * 1000
                 rows.append((clip, f"decode + resize to 128 ({how})", ms[how], "ms/frame"))
@@ -253,7 +258,7 @@ def main() -> None:
         for clip in ("test.avi", "example.avi", "flipping_a_pancake.mkv"):
             path = TEST_AVI.parent / clip
             mid = probe(path).frames // 2
-            frames = read_frames(path, np.arange(mid, mid + 11), short_side=real.short_side)
+            frames = read_frames(path, np.arange(mid, mid + 11), decoding=decoding(real))
             grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
             size = "x".join(map(str, grey[0].shape))
             flows, speed = {}, {}
@@ -271,7 +276,7 @@ def main() -> None:
             rows.append((clip, f"tvl1_fast EPE vs tvl1 (mean |flow| {mag:.2f} px)", epe, "px"))
         cv2.setNumThreads(-1)
         x = rgb_input(
-            read_frames(TEST_AVI, plan.points, short_side=256),
+            read_frames(TEST_AVI, plan.points, decoding=decoding(real)),
             crop=224,
             mean=(0.5,) * 3,
             std=(0.25,) * 3,
@@ -304,7 +309,7 @@ def bench_raft(video: Path, pairs: int = 8) -> list[tuple[str, str, float, str]]
     flow = make_pairs_flow_fn(cfg)
     rows = []
     for side in (64, 256):
-        frames = read_frames(video, np.arange(pairs + 1), short_side=side)
+        frames = read_frames(video, np.arange(pairs + 1), decoding=Decoding(short_side=side))
         flow(frames[:1], frames[1:2])  # warm-up: first-call allocations
         _, dt = _timed(flow, frames[:-1], frames[1:])
         h, w = frames.shape[1:3]

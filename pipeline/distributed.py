@@ -6,21 +6,26 @@ Each rank takes every WORLD_SIZE-th video of the sorted list, writes its own vid
 shared cache (per-video files: no two ranks write the same file), and rank 0 finishes the cache
 (compaction, failures file, counts) after a barrier. Rank 0 alone checks the entries a resumed
 run keeps and tells the others which they are, so every rank shards the same list.
+``sharded_run`` is that protocol, as the flow and features stages both use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
+from pipeline.config import CacheConfig
+from pipeline.runner import Counts, Failure, finish
 
 T = TypeVar("T")
 
@@ -126,3 +131,68 @@ def collect(world: World, failures: list[Any], written: int) -> tuple[list[Any],
     """Every rank's failures and written count (a collective: all ranks have finished writing
     when it returns, so the primary may compact)."""
     return [f for part in world.gather(failures) for f in part], sum(world.gather(written))
+
+
+@dataclass
+class ShardedRun:
+    """This rank's part of a per-video stage that writes a cache shared by every rank.
+
+    ``todo``: this rank's share of the videos not ``done`` (kept from an earlier run). The
+    stage computes each of them and calls ``write`` or ``fail``; after the run, ``failures`` and
+    ``written`` are every rank's (``collect``)."""
+
+    world: World
+    cache: FeatureCache
+    done: set[str]
+    todo: list[str]
+    failures: list[Failure] = field(default_factory=list)
+    written: int = 0
+
+    def write(self, video_id: str, entry: np.ndarray, meta: dict) -> None:
+        # a failed write (full disk: CacheError naming the file) stops the stage: the videos
+        # after it could not be stored either; those written stay, for the resume
+        self.cache.write(video_id, entry, meta)
+        self.written += 1
+
+    def fail(self, failure: Failure) -> None:
+        self.failures.append(failure)
+
+    def finish(self, stage: str, failures_file: Path) -> Counts:
+        """The stage's counts; the primary alone writes ``failures_file`` (every rank's
+        failures) and stops the stage when no video succeeded (runner.finish)."""
+        if not self.world.primary:
+            return Counts(done=self.written, skipped=len(self.done), failed=len(self.failures))
+        return finish(
+            stage, failures_file, self.failures, done=self.written, skipped=len(self.done)
+        )
+
+
+@contextlib.contextmanager
+def sharded_run(
+    world: World,
+    path: Path,
+    *,
+    ids: Sequence[str],
+    sources: Mapping[str, str],
+    attrs: dict,
+    cache_cfg: CacheConfig,
+) -> Iterator[ShardedRun]:
+    """The protocol the flow and features stages share: open the shared cache at ``path``
+    (``open_shared_cache``; ``ids`` in the order they are computed, ``sources`` their input
+    fingerprints), give this rank its share of the videos not done, and after the body gather
+    every rank's failures and counts, leave the cache (the primary compacts it, now that every
+    rank's videos are in) and close the world. On an exception the cache is left as it is,
+    for the resume, and the exception goes on."""
+    cache, done = open_shared_cache(
+        world,
+        path,
+        sources=sources,
+        attrs=attrs,
+        backend=cache_cfg.backend,
+        videos_per_pack=cache_cfg.videos_per_pack,
+    )
+    with cache:
+        run = ShardedRun(world, cache, done, world.shard([k for k in ids if k not in done]))
+        yield run
+        run.failures, run.written = collect(world, run.failures, run.written)
+    close_world(world)

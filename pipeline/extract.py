@@ -1,5 +1,5 @@
-"""What a features cache holds and how one video becomes its entry: shared by the features
-stage (which writes caches and records their settings) and the train stage (which checks them).
+"""Feature extraction: ``extract_features`` runs a backbone over every planned video (rgb) or
+every flow cache entry (flow) into a features cache; the features stage only calls it.
 
 One video goes through three steps:
 1. ``VideoInputs`` (a Dataset, run in DataLoader workers so decoding overlaps the CNN) decodes
@@ -12,8 +12,10 @@ One video goes through three steps:
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +23,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.backbones import Backbone, is_3d
+from pipeline.backbones import Backbone, build_backbone, is_3d
 from pipeline.cache import FeatureCache, open_cache
-from pipeline.config import DecodeConfig, StreamFeaturesConfig
+from pipeline.config import CacheConfig, ConfigError, StreamFeaturesConfig
+from pipeline.distributed import init_world, sharded_run
 from pipeline.identity import params_identity
+from pipeline.inference import (
+    Compiled,
+    inference_context,
+    inference_model,
+    memory_format,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.inputs import clip_input, flow_clip_input, flow_input, rgb_input
+from pipeline.plan import Plan, PlannedVideo, read_plan
+from pipeline.runner import Counts, Failure, progress
 from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
+
+log = logging.getLogger(__name__)
+
+_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def cache_attrs(
@@ -75,82 +92,70 @@ def layout(cfg: StreamFeaturesConfig) -> str:
     return f"({'V, ' if views_kept(cfg) else ''}T, {step})"
 
 
-@dataclass(frozen=True)
-class Item:
-    """One video to extract: ``path`` is the video (rgb) or unused (flow: read from the cache);
-    ``points`` the decode plan's frames; ``frames`` the video's frame count (rgb clips);
-    ``size`` its (width, height) as probed, (0, 0) where unknown."""
-
-    video_id: str
-    path: str
-    points: tuple[int, ...] = ()
-    frames: int = 0
-    size: tuple[int, int] = (0, 0)
-
-
 class VideoInputs(torch.utils.data.Dataset):
-    """Item -> (video id, network input (V*n, ...) float32 or None, n, error or None).
+    """Video id -> (video id, network input (V*n, ...) float32 or None, n, error or None).
 
-    ``n`` is the number of inputs per view (frames, or clips for 3D). The flow cache is opened
-    lazily in each worker process (an HDF5 file handle must not cross a fork)."""
+    ``n`` is the number of inputs per view (frames, or clips for 3D). rgb reads the planned
+    video ``plan.videos[id]`` as the plan's settings say; flow reads the id's stacks from
+    ``flow_cache``, which is opened lazily in each worker process (an HDF5 file handle must not
+    cross a fork)."""
 
     def __init__(
         self,
         cfg: StreamFeaturesConfig,
         *,
         stream: str,
-        items: list[Item],
-        decoding: DecodeConfig | None,
+        ids: Sequence[str],
+        plan: Plan | None,
         flow_cache: Path | None,
         mean: tuple[float, ...],
         std: tuple[float, ...],
     ) -> None:
-        self.cfg, self.stream, self.items = cfg, stream, items
-        self.decoding, self.flow_cache = decoding, flow_cache
+        if (plan is None) == (stream == "rgb"):
+            raise ValueError(f"stream {stream}: the rgb stream reads a plan, flow a flow cache")
+        self.cfg, self.stream, self.ids = cfg, stream, list(ids)
+        self.plan, self.flow_cache = plan, flow_cache
         self.mean, self.std = mean, std
         self._flow: FeatureCache | None = None
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[str, Tensor | None, int, str | None]:
-        item = self.items[i]
+        vid = self.ids[i]
         try:
-            x, n = self._load(item)
-            return item.video_id, x, n, None
+            x, n = self._load(vid)
+            return vid, x, n, None
         except Exception as e:  # recorded as this video's failure, the others go on
-            return item.video_id, None, 0, f"{type(e).__name__}: {e}"
+            return vid, None, 0, f"{type(e).__name__}: {e}"
 
     def _windows(self, length: int) -> np.ndarray:
         c = self.cfg
         return clip_windows(length, length=c.clip_len, stride=c.clip_stride, max_clips=c.max_clips)
 
-    def _frames(self, item: Item, indices: np.ndarray) -> np.ndarray:
-        d = self.decoding
-        if d is None:
-            raise ValueError("the rgb stream reads videos: VideoInputs needs the decode settings")
-        return read_frames(
-            Path(item.path), indices, short_side=d.short_side, resize=d.resize, size=item.size
-        )
+    def _frames(self, video: PlannedVideo, indices: np.ndarray) -> np.ndarray:
+        """Frames ``indices`` (K,) of ``video`` -> (K, H, W, 3) uint8."""
+        return read_frames(Path(video.path), indices, decoding=video.decoding(self.plan.settings))
 
-    def _load(self, item: Item) -> tuple[Tensor, int]:
+    def _load(self, vid: str) -> tuple[Tensor, int]:
         c = self.cfg
         kw = {"crop": c.crop, "mean": self.mean, "std": self.std, "crops": c.crops}
         three_d = is_3d(c.backbone)
         if self.stream == "rgb":
+            video = self.plan.videos[vid]
             if c.sampling == "points":
-                frames = self._frames(item, np.asarray(item.points))
+                frames = self._frames(video, np.asarray(video.points))
                 return rgb_input(frames, **kw), len(frames)
-            w = self._windows(item.frames)
+            w = self._windows(video.frames)
             # each distinct frame is decoded and cropped once, however often the clips repeat it
             needed, inverse = np.unique(w, return_inverse=True)
-            frames, w = self._frames(item, needed), inverse.reshape(w.shape)
+            frames, w = self._frames(video, needed), inverse.reshape(w.shape)
             if three_d:
                 return clip_input(frames, w, **kw), len(w)
             return rgb_input(frames, index=w.reshape(-1), **kw), w.size
         if self._flow is None:
             self._flow = open_cache(self.flow_cache, "r")
-        stacks = self._flow.read(item.video_id)  # (P, L, 2, H, W)
+        stacks = self._flow.read(vid)  # (P, L, 2, H, W)
         if c.sampling == "points":
             return flow_input(stacks, **kw), len(stacks)
         w = self._windows(len(stacks))
@@ -225,3 +230,153 @@ def arrange(out: Tensor, *, n: int, cfg: StreamFeaturesConfig) -> np.ndarray:
     elif not views_kept(cfg):
         x = x[0]
     return x.cpu().numpy().astype(np.float16)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What a stream's features are computed from. rgb: the decode plan (``plan``: the videos
+    and how to read them); flow: the flow cache ``made``, read by video id (``plan`` None)."""
+
+    ids: list[str]  # in the order they are extracted
+    sources: dict[str, str]  # {id: fingerprint of its input}, recorded with each entry
+    identity: dict  # the upstream settings, part of the cache metadata
+    in_channels: int  # 3 (rgb), or 2L (a stack of L flow fields)
+    made: Path  # the plan or the flow cache, named in errors and failures
+    plan: Plan | None
+
+
+def read_upstream(*, stream: str, source: Path) -> Upstream:
+    """The decode stage's output folder ``source`` (rgb: its plan.json) or the flow stage's
+    (flow: its cache)."""
+    if stream == "rgb":
+        plan = read_plan(source / "plan.json")
+        return Upstream(
+            ids=sorted(plan.videos),
+            sources={k: v.source for k, v in plan.videos.items()},
+            identity={"sampling": plan.identity()},
+            in_channels=3,
+            made=source / "plan.json",
+            plan=plan,
+        )
+    if stream == "flow":
+        with open_cache(source / "cache", "r") as flow:
+            ids, attrs = flow.keys(), flow.attrs
+            sources = {k: flow.meta(k)["source"] for k in ids}
+        return Upstream(
+            ids=list(ids),
+            sources=sources,
+            identity={"sampling": attrs["sampling"], "flow": attrs["flow"]},
+            in_channels=2 * attrs["sampling"]["flow_pairs"],
+            made=source / "cache",
+            plan=None,
+        )
+    raise ValueError(f"features: unknown stream '{stream}' (rgb or flow)")
+
+
+def check_upstream(cfg: StreamFeaturesConfig, *, stream: str, upstream: Upstream) -> None:
+    """Refuse, once and before any video, settings that cannot work on the frames or flow
+    upstream (its decode settings as recorded in the plan or the flow cache): each video would
+    fail alone. Loading params.yaml checks the same against its decode section; this checks what
+    was actually made."""
+    sampling, made = upstream.identity["sampling"], upstream.made
+    short = sampling["short_side"]
+    if cfg.crop > short:
+        raise ConfigError(
+            f"features.{stream}.crop: {cfg.crop} is larger than the short side {short} of the "
+            f"frames it crops ({made}: decode.short_side {short})"
+        )
+    if stream == "flow" and is_3d(cfg.backbone) and sampling["flow_pairs"] != 1:
+        raise ConfigError(
+            f"features.flow.backbone: {cfg.backbone} is a 3D backbone: its flow clips take one "
+            f"flow field per step, and {made} has {sampling['flow_pairs']} per point "
+            "(decode.flow_pairs: 1, decode.sampling: dense)"
+        )
+
+
+def extract_features(
+    *,
+    cfg: StreamFeaturesConfig,
+    stream: str,
+    source: Path,
+    cache: Path,
+    failures_file: Path,
+    cache_cfg: CacheConfig,
+) -> Counts:
+    """Features of every video of ``source`` (the decode stage's output for rgb, the flow
+    stage's for flow) into the cache at ``cache``: per video (T, D), (V, T, D), (T, C, h, w) or
+    (V, T, C, h, w) float16 (``layout``). Resumable (entries already computed from the same
+    input with the same settings are kept) and sharded over the ranks of a torchrun world;
+    videos that fail are listed in ``failures_file``. Raises ConfigError before any video when
+    ``cfg`` does not fit what upstream made, WeightsError when the weights cannot be had."""
+    device = resolve_device(cfg.device)
+    world = init_world(device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+    torch.set_num_threads(world.cores(cfg.threads))
+    upstream = read_upstream(stream=stream, source=source)
+    check_upstream(cfg, stream=stream, upstream=upstream)
+    # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
+    bb = build_backbone(
+        cfg.backbone,
+        weights=cfg.weights,
+        in_channels=2 if stream == "flow" and is_3d(cfg.backbone) else upstream.in_channels,
+        output=cfg.output,
+        taps=cfg.taps,
+    )
+    precision = resolve_precision(cfg.precision, device)
+    # batch norms folded into the convolutions, and channels_last, which lets oneDNN (CPU) and
+    # cuDNN (GPU) pick their fast NHWC convolution kernels
+    fmt = memory_format(bb.kind)
+    model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
+    if cfg.compile:
+        model = Compiled(model)
+    attrs = cache_attrs(
+        cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream.identity
+    )
+    with sharded_run(
+        world, cache, ids=upstream.ids, sources=upstream.sources, attrs=attrs, cache_cfg=cache_cfg
+    ) as run:
+        todo, plan = run.todo, upstream.plan
+        if world.size > 1:
+            log.info("rank %d/%d: %d of the videos to extract", world.rank, world.size, len(todo))
+        data = VideoInputs(
+            cfg,
+            stream=stream,
+            ids=todo,
+            plan=plan,
+            flow_cache=upstream.made if stream == "flow" else None,
+            mean=bb.mean,
+            std=bb.std,
+        )
+        workers = 1 if len(todo) > 1 else 0
+        # fork: the worker starts at once with what this process imported, where a spawned one
+        # spent ~2.5 s importing torch and the decoder (measured: the stage went from 0.77x to
+        # 0.93x the bare backbone on 16 videos, bench/bench_features.py). The worker uses no CUDA
+        # and one torch thread, and cache files are opened per process, so forking is safe here.
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=None,
+            num_workers=workers,
+            multiprocessing_context=_START if workers else None,
+            pin_memory=device.type == "cuda",
+        )
+        sizes: dict[str, int] = {}
+
+        def decoded() -> Iterator[tuple[str, Tensor]]:
+            desc = f"features ({stream}, {cfg.backbone})"
+            if world.size > 1:
+                desc += f" rank {world.rank}/{world.size}"
+            for vid, x, n, err in progress(loader, desc=desc, total=len(todo)):
+                if err:
+                    # a failure names the video, or for flow the cache its stacks come from
+                    path = plan.videos[vid].path if plan else str(upstream.made)
+                    run.fail(Failure(vid, path, "features", err))
+                    continue
+                sizes[vid] = n
+                yield vid, x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+
+        with torch.inference_mode(), inference_context(device, precision):
+            for vid, feats in forward_batched(model, decoded(), batch_size=cfg.batch_size):
+                entry = arrange(feats, n=sizes.pop(vid), cfg=cfg)
+                run.write(vid, entry, {"source": upstream.sources[vid]})
+    return run.finish(f"features ({stream})", failures_file)

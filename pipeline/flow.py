@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from pipeline.config import FlowConfig, Resize, TVL1Config
-from pipeline.fingerprint import file_sha256
-from pipeline.video import SamplePlan, read_frames
+from pipeline.config import FlowConfig, TVL1Config
+from pipeline.video import Decoding, SamplePlan, read_frames
 
 if TYPE_CHECKING:  # torch is imported lazily: the TV-L1 worker processes never need it
     from torch import nn
@@ -40,7 +39,6 @@ RAFT_ALGORITHMS = ("raft_small", "raft_large")
 # defaults, mean end-point error 0.09-0.22 px against them (mean |flow| 0.3-0.65 px), about one
 # uint8 quantisation step (2 * 20 / 255 = 0.157 px).
 TVL1_FAST = {"scales": 3, "warps": 1, "inner_iterations": 10, "outer_iterations": 5}
-RANDOM_INIT_SEED = 0  # as pipeline.backbones: a run and its resumption build the same network
 # RAFT's 4-level correlation pyramid needs feature maps of at least 16 cells, and its features
 # are at 1/8 resolution: inputs are padded to multiples of 8 and to at least 128 px a side.
 RAFT_MULTIPLE = 8
@@ -122,20 +120,15 @@ def raft_weights(cfg: FlowConfig) -> tuple[Path | None, str]:
     and cannot be downloaded, or a configured one that does not exist."""
     import torchvision
 
-    from pipeline.backbones import WeightsError, torchvision_weights
+    from pipeline.backbones import resolve_weights, torchvision_weights
 
-    if cfg.raft.weights == "none":
-        return None, f"random (seed {RANDOM_INIT_SEED})"
-    if cfg.raft.weights == "default":
+    def published() -> tuple[Path, str]:
         enum = torchvision.models.get_model_weights(cfg.algorithm).DEFAULT
         return torchvision_weights(enum, setting="flow.raft.weights: default")
-    path = Path(cfg.raft.weights)
-    if not path.is_file():
-        raise WeightsError(
-            f"{path}: RAFT weights file not found "
-            "(flow.raft.weights: default, none or the path of a state-dict file)"
-        )
-    return path, f"file {path.name} sha256:{file_sha256(path)[:16]}"
+
+    return resolve_weights(
+        cfg.raft.weights, default="default", resolve_default=published, setting="flow.raft.weights"
+    )
 
 
 def raft_model(cfg: FlowConfig) -> nn.Module:
@@ -156,7 +149,7 @@ def _raft_model(algorithm: str, path: str | None, weights_id: str, device: str) 
     import torch
     from torchvision.models import optical_flow
 
-    from pipeline.backbones import WeightsError, _load_state
+    from pipeline.backbones import RANDOM_INIT_SEED, load_weights
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -171,16 +164,7 @@ def _raft_model(algorithm: str, path: str | None, weights_id: str, device: str) 
             RANDOM_INIT_SEED,
         )
     else:
-        state = _load_state(Path(path))
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise WeightsError(f"{path}: does not fit {algorithm} ({e})") from e
-        if missing or unexpected:
-            raise WeightsError(
-                f"{path}: does not fit {algorithm} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_weights(model, Path(path), name=algorithm)
     log.info("%s on %s, weights %s", algorithm, device, weights_id)
     return model.eval().requires_grad_(False).to(device)
 
@@ -247,25 +231,17 @@ def dequantise(q: np.ndarray, bound: float) -> np.ndarray:
     return q.astype(np.float32) * (2 * bound / 255.0) - bound
 
 
-def video_flow(
-    path: Path,
-    plan: SamplePlan,
-    cfg: FlowConfig,
-    *,
-    short_side: int,
-    resize: Resize = "decoder",
-    size: tuple[int, int] | None = None,
-) -> np.ndarray:
+def video_flow(path: Path, plan: SamplePlan, cfg: FlowConfig, *, decoding: Decoding) -> np.ndarray:
     """Flow stacks of one video -> (N, L, 2, H, W) uint8: for point i and pair j the flow
     from frame windows[i, j] to windows[i, j+1], x then y.
 
     Each distinct frame pair is computed once even when windows overlap (short videos, dense
     sampling), which for a 32-frame clip with N=25, L=5 is 31 pairs instead of 125. The pairs
     go to the algorithm in batches: one pair for OpenCV, flow.raft.batch_size for RAFT.
-    ``short_side``, ``resize`` and ``size`` are read_frames' decoding settings.
+    ``decoding`` says how the frames are read (read_frames).
     """
     needed = plan.needed()
-    frames = read_frames(path, needed, short_side=short_side, resize=resize, size=size)
+    frames = read_frames(path, needed, decoding=decoding)
     row = {int(k): i for i, k in enumerate(needed)}
     pairs = plan.pairs()
     rows = np.array([[row[int(a)], row[int(b)]] for a, b in pairs], dtype=np.int64)

@@ -7,17 +7,26 @@ the papers in ../shared/papers:
 - ``weighted``: Res-LSTM (001), Table 2, the TSN weights ``(w_flow, w_rgb) = (1.5, 1)``.
 - ``svm``: TSRNN (000), sec. IV, "late fusion ... using the SVM" following the two-stream setting of
   its ref. [2]: a linear SVM on the stacked L2-normalised softmax scores of the streams.
+
+``fuse_tables`` and ``fuse_score_dir`` are the fuse stage: every head's per-stream score tables,
+fused per split on the test videos every stream has.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
+
+from pipeline.config import FusionConfig, RunConfig
+from pipeline.scores import ScoreTable, concat, load_score_dir, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +272,81 @@ def fuse_scores(
         )
         return fused
     raise ValueError(f"unknown fusion {method!r}; expected one of {FUSIONS}")
+
+
+def aligned(
+    tables: Mapping[str, ScoreTable], split: str, subset: str
+) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """The rows of ``split``/``subset`` of the videos present in every stream's table, in one
+    (sorted id) order -> (ids (N,), labels (N,) int64, {stream: scores (N, C)})."""
+    parts = {s: t.select(split=split, subset=subset) for s, t in tables.items()}
+    common = sorted(set.intersection(*(set(p.video_id) for p in parts.values())))
+    first = next(iter(parts.values()))
+    label_of = dict(zip(first.video_id, first.label, strict=True))
+    streams = {}
+    for s, p in parts.items():
+        row = {v: i for i, v in enumerate(p.video_id)}
+        streams[s] = p.scores[[row[v] for v in common]]
+    return common, np.array([label_of[v] for v in common], dtype=np.int64), streams
+
+
+@dataclass
+class Fused:
+    """The fuse stage's result. tables: {(head, method): test rows of every split common to
+    the head's streams, scores (N, C)}; svm_c: {head: {split: the C cross-validation chose}}."""
+
+    tables: dict[tuple[str, str], ScoreTable] = field(default_factory=dict)
+    svm_c: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def fuse_tables(cfg: FusionConfig, by_head: Mapping[str, Mapping[str, ScoreTable]]) -> Fused:
+    """{head: {stream: its score table}} -> every ``cfg.methods`` fusion of each head with two
+    or more streams (a head with one stream is skipped with a warning). The SVM learns from the
+    train rows of the split it scores (out-of-fold scores, see pipeline/training.py)."""
+    out = Fused()
+    for head, tables in sorted(by_head.items()):
+        if len(tables) < 2:
+            log.warning("%s: only stream %s, nothing to fuse", head, list(tables))
+            continue
+        splits = sorted(set.intersection(*(set(t.splits()) for t in tables.values())))
+        for method in cfg.methods:
+            fused = []
+            for split in splits:
+                ids, labels, test = aligned(tables, split, "test")
+                if method == "svm":
+                    _, tr_labels, train = aligned(tables, split, "train")
+                    s, c = svm_fuse(
+                        test,
+                        train=train,
+                        train_labels=tr_labels,
+                        c_grid=cfg.svm_c,
+                        folds=cfg.svm_folds,
+                        seed=cfg.seed,
+                    )
+                    out.svm_c.setdefault(head, {})[split] = c
+                else:
+                    s = fuse_scores(method, test, weights=cfg.weights)
+                fused.append(ScoreTable([split] * len(ids), ["test"] * len(ids), ids, labels, s))
+            table = concat(fused)
+            out.tables[(head, method)] = table
+            acc = float((table.scores.argmax(1) == table.label).mean())
+            log.info(
+                "%s %s fusion of %s: test top-1 %.3f", head, method, "+".join(sorted(tables)), acc
+            )
+    return out
+
+
+def fuse_score_dir(*, cfg: FusionConfig, run: RunConfig, scores: Path, out: Path) -> Fused:
+    """The fuse stage: the train stages' tables ``scores``/<head>-<stream>/scores.csv of the
+    models of ``run`` on the streams ``cfg.streams`` (a joint-input model, rgb+flow, is already
+    fused inside) -> ``out``/<head>-<method>/scores.csv and ``out``/svm_c.json; returned too."""
+    by_head: dict[str, dict[str, ScoreTable]] = {}
+    for (head, stream), table in load_score_dir(scores, run.trained()).items():
+        if stream in cfg.streams:
+            by_head.setdefault(head, {})[stream] = table
+    fused = fuse_tables(cfg, by_head)
+    out.mkdir(parents=True, exist_ok=True)
+    for (head, method), table in fused.tables.items():
+        write_scores(out / f"{head}-{method}" / "scores.csv", table)
+    (out / "svm_c.json").write_text(json.dumps(fused.svm_c, indent=1))
+    return fused

@@ -23,8 +23,6 @@ def memory_format(kind: str) -> torch.memory_format:
     raise ValueError(f"backbone kind must be '2d' or '3d', got '{kind}'")
 
 
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if device == "auto":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, DecodeConfig
 from pipeline.manifest import portable_path, resolve_path
-from pipeline.video import SamplePlan, decoder_id, dense_plan, sample_plan
+from pipeline.video import Decoding, SamplePlan, decoder_id, dense_plan, sample_plan
 
 # 2: the decoder is recorded and part of the identity (frame-exact PyAV decoding replaced
 # decord, whose random access returned wrong frames on XviD AVIs with B-frames)
@@ -27,6 +27,9 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class PlannedVideo:
+    """One video of the plan, the record every stage after decode reads it by: where it is, its
+    frame count and probed size, the sampled points (N,), and the sha256 of its bytes."""
+
     video_id: str
     path: str
     frames: int
@@ -39,6 +42,14 @@ class PlannedVideo:
     @property
     def size(self) -> tuple[int, int]:
         return self.width, self.height
+
+    def decoding(self, settings: DecodeConfig) -> Decoding:
+        """How to read this video's frames under the plan's decode ``settings``."""
+        return decoding(settings, size=self.size)
+
+    def samples(self, settings: DecodeConfig) -> SamplePlan:
+        """The windows ``settings`` sample from this video (``sampling``)."""
+        return sampling(settings, self.frames)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,12 @@ class Plan:
         if s["sampling"] == "dense":
             s.pop("num_frames")  # dense sampling takes every frame
         return s | {"decoder": self.decoder}
+
+
+def decoding(settings: DecodeConfig, *, size: tuple[int, int] | None = None) -> Decoding:
+    """How the decode ``settings`` read a video whose probed (width, height) is ``size`` (None:
+    not probed, the first frame's size is used)."""
+    return Decoding(short_side=settings.short_side, resize=settings.resize, size=size)
 
 
 def sampling(settings: DecodeConfig, frames: int) -> SamplePlan:

@@ -64,6 +64,7 @@ class Features:
     views: bool  # some stream has a view axis
     maps: bool
     steps: int | None  # the T every sequence was resampled to; None = as cached
+    layouts: list[str]  # each stream's cache layout, e.g. "(V, T, D)"
 
 
 def open_streams(
@@ -238,6 +239,7 @@ def load_features(streams: list[Stream], ids: list[str], *, steps: int | None = 
         views=any(s.views for s in streams),
         maps=streams[0].maps,
         steps=t,
+        layouts=[s.layout for s in streams],
     )
 
 

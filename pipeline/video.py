@@ -54,6 +54,27 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How to read one video's frames; every reader takes this one object (built from the plan:
+    ``PlannedVideo.decoding``). ``short_side`` None keeps the decoded size. ``resize``: decoder
+    (swscale area averaging while converting to RGB) or opencv (convert at full size, then cv2).
+    ``size``: (width, height) as probed, which fixes the output size (None or (0, 0): the first
+    decoded frame's size), so every frame comes out alike after a mid-stream resolution change."""
+
+    short_side: int | None = None
+    resize: Resize = "decoder"
+    size: tuple[int, int] | None = None
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the frames read, given the first decoded frame's size."""
+        src = self.size if self.size and all(self.size) else (width, height)
+        return scaled_size(*src, self.short_side) if self.short_side else tuple(src)
+
+
+NATIVE = Decoding()  # decoded size, no resize
+
+
+@dataclass(frozen=True)
 class SamplePlan:
     """points: (N,) first frame of each window; windows: (N, L+1) frame indices, all < frames."""
 
@@ -198,25 +219,15 @@ def probe(path: Path) -> VideoInfo:
     return VideoInfo(frames=n, fps=float(rate) if rate else 0.0, width=width, height=height)
 
 
-def read_frames(
-    path: Path,
-    indices: np.ndarray,
-    *,
-    short_side: int | None = None,
-    resize: Resize = "decoder",
-    size: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Frames ``indices`` of ``path`` -> (K, H, W, 3) uint8 RGB, short side resized.
+def read_frames(path: Path, indices: np.ndarray, *, decoding: Decoding = NATIVE) -> np.ndarray:
+    """Frames ``indices`` (K,) of ``path`` -> (K, H, W, 3) uint8 RGB, read as ``decoding`` says
+    (short side, resize method, probed size: see Decoding).
 
     Frame k is the k-th frame of a sequential decode in presentation order (module docstring).
     The file is decoded forward to the last requested frame; only requested frames are converted
     and kept, at the output size, so memory is K output frames whatever the video's resolution.
-
-    ``resize`` is how: ``decoder`` has FFmpeg's scaler (swscale, area averaging) resize while it
-    converts to RGB, so the conversion runs at the small size too; ``opencv`` converts at full
-    size and resizes with cv2 (INTER_AREA down, INTER_LINEAR up). ``size`` = (width, height) as
-    probed fixes the output size (else the first frame's size does): every frame comes out at
-    that size, even after a mid-stream resolution change.
+    ``decoder`` resizing runs the conversion at the small size too; ``opencv`` converts at full
+    size and resizes with cv2 (INTER_AREA down, INTER_LINEAR up).
 
     Raises VideoDecodeError naming the file when a requested frame is past the end, or when
     the file fails to decode (or a frame is flagged damaged) before the last requested frame.
@@ -227,20 +238,13 @@ def read_frames(
     if idx.size == 0 or idx.min() < 0:
         raise ValueError(f"{path}: frame indices must be a non-empty list of indices >= 0")
     uniq, inverse = np.unique(idx, return_inverse=True)
-    frames = _read_sorted(path, uniq, short_side=short_side, resize=resize, size=size)
+    frames = _read_sorted(path, uniq, decoding=decoding)
     if len(uniq) == len(idx) and np.array_equal(uniq, idx):
         return frames  # sorted distinct indices: no copy
     return frames[inverse.reshape(-1)]
 
 
-def _read_sorted(
-    path: Path,
-    wanted: np.ndarray,
-    *,
-    short_side: int | None,
-    resize: Resize,
-    size: tuple[int, int] | None,
-) -> np.ndarray:
+def _read_sorted(path: Path, wanted: np.ndarray, *, decoding: Decoding) -> np.ndarray:
     """Sorted distinct ``wanted`` frame indices -> (K, H, W, 3) uint8, in one forward decode."""
     reformatter = VideoReformatter()
     out: np.ndarray | None = None
@@ -252,10 +256,9 @@ def _read_sorted(
             if n - 1 != wanted[j]:
                 continue
             if out is None:
-                src = size if size and all(size) else (frame.width, frame.height)
-                w, h = scaled_size(*src, short_side) if short_side else tuple(src)
+                w, h = decoding.output_size(frame.width, frame.height)
                 out = np.empty((len(wanted), h, w, 3), dtype=np.uint8)
-            out[j] = _convert(frame, reformatter, out.shape[2], out.shape[1], resize)
+            out[j] = _convert(frame, reformatter, out.shape[2], out.shape[1], decoding.resize)
             j += 1
             if j == len(wanted):
                 return out

@@ -14,31 +14,42 @@ from pipeline.runner import Counts, Failure, finish, map_videos
 from pipeline.video import read_frames
 
 
-def _check(item: tuple[str, str, int, str, int, int], cfg: DecodeConfig) -> PlannedVideo:
-    vid, path, frames, source, w, h = item
-    sp = sampling(cfg, frames)
-    # raises VideoDecodeError
-    read_frames(Path(path), sp.needed(), short_side=cfg.short_side, resize=cfg.resize, size=(w, h))
-    return PlannedVideo(vid, path, frames, sp.looped, sp.points.tolist(), source, w, h)
+def _check(video: PlannedVideo, *, cfg: DecodeConfig) -> PlannedVideo:
+    """Decode every planned frame of ``video`` (raises VideoDecodeError): only videos that read
+    enter the plan."""
+    read_frames(Path(video.path), video.samples(cfg).needed(), decoding=video.decoding(cfg))
+    return video
 
 
 def main(cfg: DecodeConfig, *, manifest: Path, probe: Path, out: Path) -> Counts:
     m = read_manifest(manifest)
     with probe.open(newline="", encoding="utf-8") as fh:  # ids hold any Unicode letter
         rows = {r["video_id"]: r for r in csv.DictReader(fh)}
-    items = []
+    candidates = []
     for v in m.videos:
         r = rows[v.video_id]
-        size = int(r["width"]), int(r["height"])
-        items.append((v.video_id, str(v.path), int(r["frames"]), r["sha256"], *size))
+        # probe.csv holds only videos that decoded at least one frame, so every one has a plan
+        sp = sampling(cfg, int(r["frames"]))
+        candidates.append(
+            PlannedVideo(
+                video_id=v.video_id,
+                path=str(v.path),
+                frames=int(r["frames"]),
+                looped=sp.looped,
+                points=sp.points.tolist(),
+                source=r["sha256"],
+                width=int(r["width"]),
+                height=int(r["height"]),
+            )
+        )
     planned, failures = {}, []
-    for item, pv, err in map_videos(
-        partial(_check, cfg=cfg), items, workers=cfg.workers, desc="decode"
+    for pv, checked, err in map_videos(
+        partial(_check, cfg=cfg), candidates, workers=cfg.workers, desc="decode"
     ):
         if err:
-            failures.append(Failure(item[0], item[1], "decode", err))
+            failures.append(Failure(pv.video_id, pv.path, "decode", err))
         else:
-            planned[pv.video_id] = pv
+            planned[checked.video_id] = checked
     write_plan(out / "plan.json", Plan(cfg, planned))
     return finish("decode", out / "failures.csv", failures, done=len(planned), skipped=0)
 

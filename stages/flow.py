@@ -12,9 +12,8 @@ import numpy as np
 
 from pipeline.config import DEFAULT_CACHE, CacheConfig, DecodeConfig, FlowConfig, section
 from pipeline.flow import RAFT_ALGORITHMS, flow_settings, raft_model, video_flow
-from pipeline.plan import Plan, read_plan
-from pipeline.plan import sampling as sampling_of
-from pipeline.runner import Counts, Failure, finish, map_videos
+from pipeline.plan import Plan, PlannedVideo, read_plan
+from pipeline.runner import Counts, Failure, map_videos
 from pipeline.versions import versions
 
 
@@ -24,19 +23,11 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
 
 
-def _flow(
-    item: tuple[str, str, int, tuple[int, int]], *, settings: DecodeConfig, cfg: FlowConfig
-) -> np.ndarray:
-    """item: (video id, path, frames, (width, height)). Only this video travels to the worker,
-    not the plan."""
-    _, path, frames, size = item
+def _flow(video: PlannedVideo, *, settings: DecodeConfig, cfg: FlowConfig) -> np.ndarray:
+    """(N, L, 2, H, W) uint8 flow stacks of one planned video. Only this video travels to the
+    worker, not the plan."""
     return video_flow(
-        Path(path),
-        sampling_of(settings, frames),
-        cfg,
-        short_side=settings.short_side,
-        resize=settings.resize,
-        size=size,
+        Path(video.path), video.samples(settings), cfg, decoding=video.decoding(settings)
     )
 
 
@@ -59,50 +50,36 @@ def main(
     # torch only here: the TV-L1 pool's spawned workers import this module and must stay light
     import torch
 
-    from pipeline.distributed import close_world, collect, init_world, open_shared_cache
+    from pipeline.distributed import init_world, sharded_run
     from pipeline.inference import resolve_device
 
     plan = read_plan(plan_path)
     raft = cfg.algorithm in RAFT_ALGORITHMS
     world = init_world(resolve_device(cfg.raft.device) if raft else torch.device("cpu"))
-    failures = []
-    cache, done = open_shared_cache(
+    with sharded_run(
         world,
         out / "cache",
+        ids=sorted(plan.videos),
         sources={k: v.source for k, v in plan.videos.items()},
         attrs=cache_attrs(plan, cfg),
-        backend=cache_cfg.backend,
-        videos_per_pack=cache_cfg.videos_per_pack,
-    )
-    with cache:
-        todo = world.shard(
-            [(k, v.path, v.frames, v.size) for k, v in sorted(plan.videos.items()) if k not in done]
-        )
-        fn = partial(_flow, settings=plan.settings, cfg=cfg)
-        written = 0
+        cache_cfg=cache_cfg,
+    ) as run:
         # RAFT: one model (on the GPU, or on torch's own threads) in this process, video after
         # video; a CPU process pool would hold one model per process and oversubscribe the cores.
-        if raft and todo:
+        if raft and run.todo:
             raft_model(cfg)  # weights that do not fit stop the stage before any video
-        for (vid, path, *_), stacks, err in map_videos(
-            fn,
-            todo,
+        for video, stacks, err in map_videos(
+            partial(_flow, settings=plan.settings, cfg=cfg),
+            [plan.videos[k] for k in run.todo],
             workers=1 if raft else world.cores(cfg.workers),
             desc=f"flow ({cfg.algorithm})",
             initializer=None if raft else _one_thread,
         ):
             if err:
-                failures.append(Failure(vid, path, "flow", err))
+                run.fail(Failure(video.video_id, video.path, "flow", err))
             else:
-                # A failed write (a full disk: CacheError naming the file) stops the stage: the
-                # videos after it could not be stored either. Those written stay, for the resume.
-                cache.write(vid, stacks, {"source": plan.videos[vid].source})
-                written += 1
-        failures, written = collect(world, failures, written)
-    close_world(world)  # the primary compacted the cache when leaving the with block
-    if not world.primary:
-        return Counts(done=written, skipped=len(done), failed=len(failures))
-    return finish("flow", out / "failures.csv", failures, done=written, skipped=len(done))
+                run.write(video.video_id, stacks, {"source": video.source})
+    return run.finish("flow", out / "failures.csv")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pipeline.inputs import (
     flow_input,
     rgb_input,
 )
-from pipeline.video import read_frames
+from pipeline.video import Decoding, read_frames
 
 # Tiny tensors: one intra-op thread is faster than two contending for a small shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +130,29 @@ def test_weights_of_another_architecture_raise(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="unexpected") as e:
         build_backbone("resnet18", weights=str(r34))
     assert str(e.value).startswith(str(r34))
+
+
+def test_backbones_and_raft_resolve_a_weights_setting_through_one_function(tmp_path: Path) -> None:
+    """The same file gets the same identity and the same errors, whoever names it."""
+    from pipeline.config import FlowConfig, RaftConfig
+    from pipeline.flow import raft_weights
+
+    def raft(weights: str) -> FlowConfig:
+        return FlowConfig(algorithm="raft_small", raft=RaftConfig(weights=weights, device="cpu"))
+
+    f = tmp_path / "w.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, f)
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    want = (f, f"file w.pth sha256:{sha}")
+    assert raft_weights(raft(str(f))) == want
+    assert backbones._resolve_weights("resnet18", str(f)) == want
+    assert raft_weights(raft("none")) == (None, "random (seed 0)")
+    assert backbones._resolve_weights("resnet18", "none") == (None, "random (seed 0)")
+    gone = str(tmp_path / "gone.pth")
+    with pytest.raises(WeightsError, match=r"weights file not found \(flow.raft.weights: default,"):
+        raft_weights(raft(gone))
+    with pytest.raises(WeightsError, match=r"weights file not found \(weights: imagenet,"):
+        backbones._resolve_weights("resnet18", gone)
 
 
 def test_missing_or_broken_weights_file_raises(tmp_path: Path) -> None:
@@ -278,8 +301,8 @@ def test_efficientnet_lite0_imagenet_weights_are_real(videos: Path) -> None:
     assert "imagenet sha256:" in bb.weights_id
     assert not bb.model.training
     assert not any(p.requires_grad for p in bb.model.parameters())
-    archery = read_frames(videos / "example.avi", np.array([0]), short_side=224)
-    make_up = read_frames(videos / "test.avi", np.array([0]), short_side=224)
+    archery = read_frames(videos / "example.avi", np.array([0]), decoding=Decoding(short_side=224))
+    make_up = read_frames(videos / "test.avi", np.array([0]), decoding=Decoding(short_side=224))
     x = rgb_input(np.concatenate([archery, make_up]), crop=224, mean=bb.mean, std=bb.std)
     with torch.no_grad():
         feats = bb.model(x)

@@ -30,9 +30,17 @@ from conftest import slow_cases
 
 from pipeline import flow as flow_mod
 from pipeline.config import DecodeConfig, FlowConfig, StreamFeaturesConfig
-from pipeline.extract import Item, VideoInputs
+from pipeline.extract import VideoInputs
 from pipeline.flow import video_flow
-from pipeline.video import clip_windows, dense_plan, probe, read_frames, sample_plan
+from pipeline.plan import Plan, PlannedVideo
+from pipeline.video import (
+    Decoding,
+    clip_windows,
+    dense_plan,
+    probe,
+    read_frames,
+    sample_plan,
+)
 
 BITS = 8  # frames carry their index in 8 bars: up to 255 frames
 W, H = 160, 112
@@ -128,10 +136,12 @@ def test_generated_avi_points_plan(bframe_avi: Path, resize: str) -> None:
     n = probe(bframe_avi).frames
     plan = sample_plan(n, num_points=25, pairs=5)
     needed = plan.needed()
-    frames = read_frames(bframe_avi, needed, short_side=64, resize=resize)
+    frames = read_frames(bframe_avi, needed, decoding=Decoding(short_side=64, resize=resize))
     _assert_indices(frames, needed, f"{bframe_avi.name} points ({resize})")
     # and in the order a stage asks, repeats included
-    pts = read_frames(bframe_avi, plan.points[::-1], short_side=64, resize=resize)
+    pts = read_frames(
+        bframe_avi, plan.points[::-1], decoding=Decoding(short_side=64, resize=resize)
+    )
     _assert_indices(pts, plan.points[::-1], f"{bframe_avi.name} points reversed")
 
 
@@ -139,7 +149,9 @@ def test_generated_avi_dense_every_frame(bframe_avi: Path) -> None:
     n = probe(bframe_avi).frames
     needed = dense_plan(n).needed()
     assert needed.tolist() == list(range(n))
-    _assert_indices(read_frames(bframe_avi, needed, short_side=56), needed, "dense")
+    _assert_indices(
+        read_frames(bframe_avi, needed, decoding=Decoding(short_side=56)), needed, "dense"
+    )
 
 
 def _recorded_flow_frames(
@@ -156,7 +168,7 @@ def _recorded_flow_frames(
         return fn
 
     monkeypatch.setattr(flow_mod, "make_pairs_flow_fn", recorder)
-    video_flow(path, plan, FlowConfig(algorithm="farneback"), short_side=64)
+    video_flow(path, plan, FlowConfig(algorithm="farneback"), decoding=Decoding(short_side=64))
     return seen
 
 
@@ -179,22 +191,24 @@ def test_generated_avi_3d_clips_through_the_features_reader(bframe_avi: Path) ->
         clip_stride=8,
         crop=56,
     )
+    # points unused: 3D clips are taken from every frame
+    video = PlannedVideo("v", str(bframe_avi), n, False, [], "-", W, H)
     inputs = VideoInputs(
         cfg,
         stream="rgb",
-        items=[Item("v", str(bframe_avi), (), n, (W, H))],
-        decoding=replace(DecodeConfig(), short_side=64),
+        ids=["v"],
+        plan=Plan(replace(DecodeConfig(), short_side=64), {"v": video}),
         flow_cache=None,
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
     )
     w = clip_windows(n, length=16, stride=8)
     needed = np.unique(w)
-    frames = inputs._frames(inputs.items[0], needed)
+    frames = inputs._frames(video, needed)
     _assert_indices(frames, needed, "3D clip frames")
     # the network input of clip c, step t is frame w[c, t], centre-cropped: mean 0 and std 1
     # make it the frame / 255
-    x, k = inputs._load(inputs.items[0])
+    x, k = inputs._load("v")
     assert k == len(w)
     clips = (x.numpy().transpose(0, 2, 3, 4, 1) * 255).round().astype(np.uint8)  # (K, s, h, w, 3)
     top, left = (frames.shape[1] - 56) // 2, (frames.shape[2] - 56) // 2
@@ -281,7 +295,7 @@ def test_real_clip_points_and_dense_frames(
         ("windows", plan.needed()),
         ("dense", dense_plan(len(ref)).needed()),
     ):
-        got = read_frames(videos / name, idx, short_side=SIDE, resize="opencv")
+        got = read_frames(videos / name, idx, decoding=Decoding(short_side=SIDE, resize="opencv"))
         _assert_same_frames(got, idx, ref, f"{name} {what}")
 
 
@@ -303,13 +317,13 @@ def test_real_clip_flow_windows_and_3d_clips(
     _assert_same_frames(np.stack([b for _, b in seen]), pairs[:, 1], ref, f"{name} second frames")
     w = clip_windows(len(ref), length=16, stride=8)
     needed = np.unique(w)
-    got = read_frames(path, needed, short_side=SIDE, resize="opencv")
+    got = read_frames(path, needed, decoding=Decoding(short_side=SIDE, resize="opencv"))
     _assert_same_frames(got, needed, ref, f"{name} 3D clip frames")
 
 
 def test_two_reads_give_the_same_bytes(videos: Path) -> None:
     path = videos / "Megamind.avi"
     idx = np.array([5, 100, 150, 200, 269])
-    a = read_frames(path, idx, short_side=SIDE)
-    b = read_frames(path, idx[::-1], short_side=SIDE)[::-1]
+    a = read_frames(path, idx, decoding=Decoding(short_side=SIDE))
+    b = read_frames(path, idx[::-1], decoding=Decoding(short_side=SIDE))[::-1]
     np.testing.assert_array_equal(a, b)

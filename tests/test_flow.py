@@ -33,7 +33,7 @@ from pipeline.flow import (
     video_flow,
 )
 from pipeline.plan import Plan, PlannedVideo, write_plan
-from pipeline.video import SamplePlan, probe, read_frames, sample_plan
+from pipeline.video import Decoding, SamplePlan, probe, read_frames, sample_plan
 from stages import flow as flow_stage
 
 # -- quantisation -----------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def part_0(videos: Path) -> Path:
 
 def test_video_flow_shape_and_dtype(part_0: Path) -> None:
     plan = sample_plan(32, num_points=4, pairs=2)
-    out = video_flow(part_0, plan, FARNEBACK, short_side=32)
+    out = video_flow(part_0, plan, FARNEBACK, decoding=Decoding(short_side=32))
     assert out.dtype == np.uint8
     assert out.shape == (4, 2, 2, 32, 42)  # 340x256 -> 42x32
     assert out.std() > 0  # a real clip moves somewhere
@@ -108,10 +108,10 @@ def test_video_flow_shape_and_dtype(part_0: Path) -> None:
 
 def test_video_flow_entry_is_the_flow_of_its_frame_pair(part_0: Path) -> None:
     plan = sample_plan(32, num_points=4, pairs=2)
-    out = video_flow(part_0, plan, FARNEBACK, short_side=32)
+    out = video_flow(part_0, plan, FARNEBACK, decoding=Decoding(short_side=32))
     i, j = 2, 1
     a, b = plan.windows[i, j], plan.windows[i, j + 1]
-    rgb = read_frames(part_0, np.array([a, b]), short_side=32)
+    rgb = read_frames(part_0, np.array([a, b]), decoding=Decoding(short_side=32))
     grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb]
     expected = quantise(make_flow_fn(FARNEBACK)(grey[0], grey[1]), FARNEBACK.bound)
     np.testing.assert_array_equal(out[i, j, 0], expected[..., 0])  # x first
@@ -121,7 +121,7 @@ def test_video_flow_entry_is_the_flow_of_its_frame_pair(part_0: Path) -> None:
 def test_video_flow_shared_pairs_get_identical_entries(part_0: Path) -> None:
     windows = np.array([[0, 1, 2, 3], [2, 3, 4, 5], [10, 11, 12, 13]])
     plan = SamplePlan(frames=32, points=windows[:, 0], windows=windows, looped=False)
-    out = video_flow(part_0, plan, FARNEBACK, short_side=32)
+    out = video_flow(part_0, plan, FARNEBACK, decoding=Decoding(short_side=32))
     assert out.shape == (3, 3, 2, 32, 42)
     np.testing.assert_array_equal(out[0, 2], out[1, 0])  # pair (2, 3) appears in both windows
     assert not np.array_equal(out[0, 0], out[2, 0])  # different pairs, different flow
@@ -129,7 +129,7 @@ def test_video_flow_shared_pairs_get_identical_entries(part_0: Path) -> None:
 
 def test_video_flow_of_a_looped_video_has_every_window(videos: Path) -> None:
     plan = sample_plan(3, num_points=4, pairs=2)
-    out = video_flow(videos / "video_0.mov", plan, FARNEBACK, short_side=32)
+    out = video_flow(videos / "video_0.mov", plan, FARNEBACK, decoding=Decoding(short_side=32))
     assert out.shape == (4, 2, 2, 32, 57)
     # Windows 0 and 3 are both [0, 1, 2] (points 0, 1, 2, 0).
     np.testing.assert_array_equal(out[0], out[3])
@@ -230,7 +230,7 @@ def hub(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> It
 @pytest.fixture(scope="module")
 def frames64(part_0: Path) -> np.ndarray:
     """Frames 0 and 2 of part_0.mp4 -> (2, 64, 85, 3) uint8 RGB."""
-    return read_frames(part_0, np.array([0, 2]), short_side=64)
+    return read_frames(part_0, np.array([0, 2]), decoding=Decoding(short_side=64))
 
 
 def _saved_raft(path: Path, name: str, seed: int) -> torch.nn.Module:
@@ -428,14 +428,14 @@ def test_raft_video_flow_batched_equals_pair_by_pair(hub: Path, part_0: Path) ->
     single = dataclasses.replace(
         RAFT_SMALL, raft=dataclasses.replace(RAFT_SMALL.raft, batch_size=1)
     )
-    out = video_flow(part_0, plan, batched, short_side=32)
+    out = video_flow(part_0, plan, batched, decoding=Decoding(short_side=32))
     assert out.dtype == np.uint8 and out.shape == (4, 2, 2, 32, 42)
     assert out.std() > 0
-    _near(out, video_flow(part_0, plan, single, short_side=32))
+    _near(out, video_flow(part_0, plan, single, decoding=Decoding(short_side=32)))
     # Entry (i, j) is the flow from windows[i, j] to windows[i, j + 1], x then y.
     i, j = 2, 1
     a, b = plan.windows[i, j], plan.windows[i, j + 1]
-    rgb = read_frames(part_0, np.array([a, b]), short_side=32)
+    rgb = read_frames(part_0, np.array([a, b]), decoding=Decoding(short_side=32))
     expected = quantise(make_pairs_flow_fn(single)(rgb[:1], rgb[1:])[0], single.bound)
     _near(out[i, j], expected.transpose(2, 0, 1))
     assert not np.array_equal(out[i, j], out[i, j - 1])
@@ -478,7 +478,10 @@ def test_flow_stage_runs_raft_in_process_with_failures_recorded(
         for vid in ("part_0", "video_0"):
             p = planned[vid]
             want = video_flow(
-                Path(p.path), sample_plan(p.frames, num_points=3, pairs=2), cfg, short_side=32
+                Path(p.path),
+                sample_plan(p.frames, num_points=3, pairs=2),
+                cfg,
+                decoding=Decoding(short_side=32),
             )
             got = c.read(vid)
             assert got.dtype == np.uint8 and got.shape == want.shape and got.shape[:3] == (3, 2, 2)

@@ -1,7 +1,20 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from pipeline.fusion import FUSIONS, fuse_scores, svm_fuse
+from pipeline.config import FusionConfig, RunConfig
+from pipeline.fusion import (
+    FUSIONS,
+    aligned,
+    fuse_score_dir,
+    fuse_scores,
+    fuse_tables,
+    svm_fuse,
+)
+from pipeline.scores import ScoreTable, concat, read_scores, write_scores
+from stages import fuse as fuse_stage
 
 # Two videos, three classes. Video 0: sum picks class 0, product picks class 1 (rgb gives class 2
 # exactly 0, which exercises the log floor).
@@ -181,3 +194,88 @@ def test_svm_errors_on_missing_or_bad_train_data() -> None:
         fuse_scores("svm", train, train=bad, train_labels=y_train)
     with pytest.raises(ValueError, match="2 classes"):
         fuse_scores("svm", train, train=train, train_labels=np.zeros(20, dtype=int))
+
+
+# -- the fuse stage's tables: fuse_tables, fuse_score_dir (pipeline/fusion.py) ---------------
+
+
+def _rows(split: str, subset: str, ids: list[str], labels: list[int], s: np.ndarray) -> ScoreTable:
+    n = len(ids)
+    return ScoreTable([split] * n, [subset] * n, ids, np.array(labels), np.asarray(s, float))
+
+
+def _head_tables(seed: int = 0) -> dict[str, ScoreTable]:
+    """rgb and flow tables of split 1: 12 train videos (both classes) and test videos t0 (class
+    0), t1 (class 1), t2 (class 1); flow misses t2 and lists t1 before t0."""
+    rng = np.random.default_rng(seed)
+    tr_ids, tr_labels = [f"r{i:02d}" for i in range(12)], [i % 2 for i in range(12)]
+    tests = {
+        "rgb": _rows("1", "test", ["t0", "t1", "t2"], [0, 1, 1], [*RGB[:, :2], [0.5, 0.5]]),
+        "flow": _rows("1", "test", ["t1", "t0"], [1, 0], FLOW[[1, 0], :2]),
+    }
+    return {
+        stream: concat(
+            [
+                _rows(
+                    "1",
+                    "train",
+                    tr_ids,
+                    tr_labels,
+                    _softmax(rng.normal(size=(12, 2)) + 2 * np.eye(2)[tr_labels]),
+                ),
+                test,
+            ]
+        )
+        for stream, test in tests.items()
+    }
+
+
+def test_aligned_keeps_the_videos_every_stream_has_in_one_order() -> None:
+    ids, labels, streams = aligned(_head_tables(), "1", "test")
+    assert ids == ["t0", "t1"] and labels.tolist() == [0, 1]
+    np.testing.assert_array_equal(streams["rgb"], RGB[:2, :2])
+    np.testing.assert_array_equal(streams["flow"], FLOW[:2, :2])  # reordered to t0, t1
+
+
+def test_fuse_tables_fuses_each_head_with_two_streams_and_records_the_svm_c() -> None:
+    cfg = FusionConfig(svm_c=(0.1, 1.0), svm_folds=2)
+    fused = fuse_tables(cfg, {"h": _head_tables(), "solo": {"rgb": _head_tables()["rgb"]}})
+    assert sorted(fused.tables) == [("h", m) for m in sorted(cfg.methods)]  # solo: skipped
+    s = fused.tables[("h", "sum")]
+    assert s.video_id == ["t0", "t1"] and s.subset == ["test", "test"]
+    np.testing.assert_allclose(s.scores, RGB[:2, :2] + FLOW[:2, :2])
+    w = fused.tables[("h", "weighted")].scores
+    np.testing.assert_allclose(w, RGB[:2, :2] + 1.5 * FLOW[:2, :2])
+    assert list(fused.svm_c) == ["h"] and fused.svm_c["h"]["1"] in (0.1, 1.0)
+
+
+def test_fuse_score_dir_reads_the_runs_streams_and_writes_a_table_per_method(
+    tmp_path: Path,
+) -> None:
+    tables = _head_tables()
+    for stream, t in {**tables, "rgb+flow": tables["rgb"]}.items():
+        write_scores(tmp_path / "train" / f"h-{stream}" / "scores.csv", t)
+    out = tmp_path / "fuse"
+    fused = fuse_score_dir(
+        cfg=FusionConfig(methods=("sum", "svm"), svm_c=(1.0,)),
+        run=RunConfig(heads=("h",), streams=("rgb", "flow"), joint_heads=("h",)),
+        scores=tmp_path / "train",
+        out=out,
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["h-sum", "h-svm", "svm_c.json"]
+    assert json.loads((out / "svm_c.json").read_text()) == {"h": {"1": 1.0}}
+    back = read_scores(out / "h-sum" / "scores.csv")
+    assert back.video_id == fused.tables[("h", "sum")].video_id
+    np.testing.assert_allclose(back.scores, fused.tables[("h", "sum")].scores, rtol=1e-5)
+
+
+def test_the_fuse_stage_names_a_missing_score_table_in_one_line(tmp_path: Path) -> None:
+    write_scores(tmp_path / "train" / "h-rgb" / "scores.csv", _head_tables()["rgb"])
+    with pytest.raises(SystemExit) as e:
+        fuse_stage.main(
+            FusionConfig(),
+            RunConfig(heads=("h",), streams=("rgb", "flow")),
+            scores=tmp_path / "train",
+            out=tmp_path / "fuse",
+        )
+    assert str(e.value).startswith("fuse: ") and "h-flow/scores.csv: no scores" in str(e.value)

@@ -25,7 +25,7 @@ from pipeline.inference import (
     resolve_precision,
 )
 from pipeline.inputs import rgb_input
-from pipeline.video import read_frames
+from pipeline.video import Decoding, read_frames
 
 # Tiny tensors: one intra-op thread is faster than two contending for a small shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +176,9 @@ def test_precision_resolution() -> None:
 def test_bf16_features_match_fp32_on_real_frames(videos: Path) -> None:
     """bf16 autocast + channels_last changes the numbers only slightly (cosine >= 0.99)."""
     bb = build_backbone("efficientnet_lite0", weights="imagenet")
-    frames = read_frames(videos / "example.avi", np.array([5, 40, 80]), short_side=128)
+    frames = read_frames(
+        videos / "example.avi", np.array([5, 40, 80]), decoding=Decoding(short_side=128)
+    )
     x = rgb_input(frames, crop=112, mean=bb.mean, std=bb.std)
     cpu = torch.device("cpu")
     with torch.inference_mode():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DecodeConfig
-from pipeline.plan import Plan, PlanError, PlannedVideo, read_plan, write_plan
-from pipeline.video import decoder_id
+from pipeline.plan import Plan, PlanError, PlannedVideo, decoding, read_plan, write_plan
+from pipeline.video import Decoding, decoder_id
 
 
 def _video(path: Path, width: int = 64, height: int = 48) -> PlannedVideo:
@@ -62,6 +62,20 @@ def test_the_plan_round_trips_the_resize_and_sizes(tmp_path: Path) -> None:
     back = read_plan(tmp_path / "plan.json")
     assert back.settings == plan.settings and back.videos["v"].size == (320, 240)
     assert back.identity() != replace(plan, settings=DecodeConfig(resize="opencv")).identity()
+
+
+def test_a_planned_video_is_read_with_every_decode_setting_and_its_probed_size(
+    tmp_path: Path,
+) -> None:
+    """The one object every reader gets: short side and resize from the plan's settings (a
+    caller that passed only the short side once read with the default resize), and the size."""
+    video = _video(tmp_path, 320, 240)
+    settings = DecodeConfig(short_side=64, resize="opencv")
+    assert video.decoding(settings) == Decoding(short_side=64, resize="opencv", size=(320, 240))
+    assert decoding(settings) == Decoding(short_side=64, resize="opencv", size=None)
+    # 3 windows of 3 frames in 12 frames: centres of 3 segments of the first 10
+    samples = video.samples(replace(settings, num_frames=3, flow_pairs=2))
+    assert samples.points.tolist() == [1, 5, 8] and not samples.looped
 
 
 @pytest.mark.slow  # runs the flow stage's command

@@ -1,6 +1,7 @@
-"""Tests for stages/train.py and pipeline/streams.py on the cache layouts of the features stage: sequences of unequal
-length (sigma(t) resampling), views (one sample per view, per-video mean of softmax scores),
-conv maps (TSRNN only), and the checks of cache metadata against params."""
+"""Tests for stages/train.py and pipeline/streams.py on the cache layouts of the features stage:
+sequences of unequal length (sigma(t) resampling), views (one sample per view, per-video mean
+of softmax scores), conv maps (TSRNN only), and the checks of cache metadata against params.
+The per-split protocol itself (pipeline/training.py): tests/test_training.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import streams
+from pipeline import streams, training
 from pipeline.cache import open_cache
 from pipeline.config import StreamFeaturesConfig, TrainConfig
 from pipeline.datasets import read_manifest
@@ -231,13 +232,13 @@ def test_views_oof_folds_keep_each_videos_views_together(
     manifest = _manifest(tmp_path, per_class=8, test=3)
     d, arrays = _views_cache(tmp_path, manifest)
     seen: dict = {}
-    real = train.out_of_fold
+    real = training.out_of_fold
 
     def spy(make, x, y, s, **kw):  # noqa: ANN001, ANN202
         seen.update(kw, x=x)
         return real(make, x, y, s, **kw)
 
-    monkeypatch.setattr(train, "out_of_fold", spy)
+    monkeypatch.setattr(training, "out_of_fold", spy)
     train.main(
         "mean_pool",
         "rgb",
@@ -317,7 +318,7 @@ def test_conv_maps_with_a_vector_head_fail_before_training_naming_head_and_layou
     def no_fit(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train, "fit", no_fit)
+    monkeypatch.setattr(training, "fit", no_fit)
     with pytest.raises(SystemExit, match=r"head 'lstm'.*conv maps \(layout \(T, C, H, W\)\)"):
         train.main(
             "lstm",

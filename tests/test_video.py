@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.video import (
+    Decoding,
     SamplePlan,
     VideoDecodeError,
     clip_windows,
@@ -101,7 +102,9 @@ def test_probe_test_avi(videos: Path) -> None:
 
 
 def test_read_frames_is_rgb_uint8_with_short_side_resized(videos: Path) -> None:
-    frames = read_frames(videos / "test.avi", np.array([0, 10, 20]), short_side=60)
+    frames = read_frames(
+        videos / "test.avi", np.array([0, 10, 20]), decoding=Decoding(short_side=60)
+    )
     assert frames.dtype == np.uint8
     assert frames.shape == (3, 60, 80, 3)  # 320x240 -> 80x60, aspect kept
     full = read_frames(videos / "test.avi", np.array([10]))
@@ -122,10 +125,18 @@ def test_read_frames_is_rgb_not_bgr(videos: Path) -> None:
     assert np.abs(rgb - bgr.astype(np.int16)).mean() > 3
 
 
+def test_decoding_output_size_scales_the_probed_size_else_the_first_frames() -> None:
+    assert Decoding(short_side=120, size=(320, 240)).output_size(640, 480) == (160, 120)
+    assert Decoding(short_side=120).output_size(480, 640) == (120, 160)
+    assert Decoding(short_side=120, size=(0, 0)).output_size(480, 640) == (120, 160)
+    assert Decoding(size=(320, 240)).output_size(640, 480) == (320, 240)
+    assert Decoding().output_size(640, 480) == (640, 480)
+
+
 def test_read_frames_honours_repeated_and_unsorted_indices(videos: Path) -> None:
     path = videos / "test.avi"
-    got = read_frames(path, np.array([163, 0, 5, 5]), short_side=60)
-    ref = read_frames(path, np.array([0, 5, 163]), short_side=60)
+    got = read_frames(path, np.array([163, 0, 5, 5]), decoding=Decoding(short_side=60))
+    ref = read_frames(path, np.array([0, 5, 163]), decoding=Decoding(short_side=60))
     assert got.shape == (4, 60, 80, 3)
     np.testing.assert_array_equal(got[0], ref[2])
     np.testing.assert_array_equal(got[1], ref[0])
@@ -146,7 +157,7 @@ def test_video_0_mov_has_three_frames(videos: Path) -> None:
     assert info.frames == 3
     plan = sample_plan(info.frames, num_points=25, pairs=5)
     assert plan.looped
-    frames = read_frames(videos / "video_0.mov", plan.needed(), short_side=32)
+    frames = read_frames(videos / "video_0.mov", plan.needed(), decoding=Decoding(short_side=32))
     assert frames.shape == (3, 32, 57, 3)  # 568x320 -> 57x32
 
 
@@ -154,7 +165,7 @@ def test_gif_is_decoded_like_any_video(videos: Path) -> None:
     path = videos / "v_CricketShot_g04_c01_rgb.gif"
     info = probe(path)
     assert (info.frames, info.width, info.height) == (79, 224, 224)
-    frames = read_frames(path, np.array([78, 0, 78]), short_side=32)
+    frames = read_frames(path, np.array([78, 0, 78]), decoding=Decoding(short_side=32))
     assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
     np.testing.assert_array_equal(frames[0], frames[2])
     assert not np.array_equal(frames[0], frames[1])
@@ -206,10 +217,15 @@ def test_corrupted_video_is_refused_by_the_probe_and_by_reads(videos: Path) -> N
     with pytest.raises(VideoDecodeError, match=r"decoding failed after 28 frames \(Invalid data"):
         probe(path)
     with pytest.raises(VideoDecodeError, match="decoding failed after 28 frames") as e:
-        read_frames(path, np.array([0, 40]), short_side=32)
+        read_frames(path, np.array([0, 40]), decoding=Decoding(short_side=32))
     assert str(e.value).startswith(f"{path}: ")
     # frames before the damage decode: a read that stops before it is not refused
-    assert read_frames(path, np.array([0, 27]), short_side=32).shape == (2, 32, 57, 3)
+    assert read_frames(path, np.array([0, 27]), decoding=Decoding(short_side=32)).shape == (
+        2,
+        32,
+        57,
+        3,
+    )
 
 
 @pytest.mark.parametrize("indices", [[], [-1, 0]])
@@ -259,8 +275,12 @@ def test_the_decoder_resize_is_close_to_opencv_area_resize(videos: Path) -> None
     """FFmpeg's scaler (area averaging) and cv2's INTER_AREA give the same size and
     nearly the same pixels: a few grey levels apart, where a different frame is tens apart."""
     path, idx = videos / "test.avi", np.array([0, 80, 163])
-    dec = read_frames(path, idx, short_side=120, resize="decoder").astype(np.int16)
-    ocv = read_frames(path, idx, short_side=120, resize="opencv").astype(np.int16)
+    dec = read_frames(path, idx, decoding=Decoding(short_side=120, resize="decoder")).astype(
+        np.int16
+    )
+    ocv = read_frames(path, idx, decoding=Decoding(short_side=120, resize="opencv")).astype(
+        np.int16
+    )
     assert dec.shape == ocv.shape == (3, 120, 160, 3)
     for i in range(3):
         assert np.abs(dec[i] - ocv[i]).mean() < 3
@@ -270,17 +290,23 @@ def test_the_decoder_resize_is_close_to_opencv_area_resize(videos: Path) -> None
 
 def test_the_probed_size_spares_an_open_and_changes_nothing(videos: Path) -> None:
     path, idx = videos / "flipping_a_pancake.mkv", np.array([3, 1, 3])
-    known = read_frames(path, idx, short_side=128, size=(426, 240))
+    known = read_frames(path, idx, decoding=Decoding(short_side=128, size=(426, 240)))
     assert known.shape == (3, 128, 227, 3)  # 426x240 -> 227x128
-    np.testing.assert_array_equal(known, read_frames(path, idx, short_side=128))
-    np.testing.assert_array_equal(known, read_frames(path, idx, short_side=128, size=(0, 0)))
+    np.testing.assert_array_equal(known, read_frames(path, idx, decoding=Decoding(short_side=128)))
+    np.testing.assert_array_equal(
+        known, read_frames(path, idx, decoding=Decoding(short_side=128, size=(0, 0)))
+    )
 
 
 def test_no_resize_at_the_native_short_side(videos: Path) -> None:
     path, idx = videos / "test.avi", np.array([5])
     full = read_frames(path, idx)
-    np.testing.assert_array_equal(read_frames(path, idx, short_side=240, resize="decoder"), full)
-    np.testing.assert_array_equal(read_frames(path, idx, short_side=240, resize="opencv"), full)
+    np.testing.assert_array_equal(
+        read_frames(path, idx, decoding=Decoding(short_side=240, resize="decoder")), full
+    )
+    np.testing.assert_array_equal(
+        read_frames(path, idx, decoding=Decoding(short_side=240, resize="opencv")), full
+    )
 
 
 # -- memory and damaged files ---------------------------------------------------------------------
@@ -312,7 +338,7 @@ def test_reading_keeps_only_the_planned_frames_at_the_output_size(
     _write_big(path)
     tracemalloc.start()
     try:
-        frames = read_frames(path, np.arange(40), short_side=64, resize=resize)
+        frames = read_frames(path, np.arange(40), decoding=Decoding(short_side=64, resize=resize))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -336,11 +362,13 @@ def test_a_damaged_file_is_refused_the_same_way_every_time(tmp_path: Path, video
             probe(path)
         errors.add(str(e.value))
         with pytest.raises(VideoDecodeError, match="is damaged") as e:
-            read_frames(path, np.array([0, 163]), short_side=32)
+            read_frames(path, np.array([0, 163]), decoding=Decoding(short_side=32))
         errors.add(str(e.value))
     assert len(errors) == 1, errors
     (msg,) = errors
     first_bad = int(msg.split("frame ")[1].split()[0])
     assert msg.startswith(f"{path}: frame ") and first_bad > 0
-    a = read_frames(path, np.arange(first_bad), short_side=32)
-    np.testing.assert_array_equal(a, read_frames(path, np.arange(first_bad), short_side=32))
+    a = read_frames(path, np.arange(first_bad), decoding=Decoding(short_side=32))
+    np.testing.assert_array_equal(
+        a, read_frames(path, np.arange(first_bad), decoding=Decoding(short_side=32))
+    )

@@ -1,0 +1,232 @@
+"""The train stage's protocol: one temporal head on one stream's cached features (or several
+streams' features concatenated along D, e.g. rgb+flow), fitted and scored on every split of
+the manifest.
+
+Per split: fit on the train videos, save the weights, score the test videos, and score the
+train videos out of fold (``TrainConfig.oof_folds`` >= 2; in-sample otherwise) so that the SVM
+fusion learns from scores the model did not see. Cache layouts, views and the resampling of
+unequal lengths to ``TrainConfig.steps``: pipeline/streams.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.datasets import read_manifest
+from pipeline.engine import (
+    fit,
+    out_of_fold,
+    predict,
+    predict_report,
+    seed_everything,
+    split_head_params,
+)
+from pipeline.heads import build_head, head_arguments
+from pipeline.manifest import Manifest
+from pipeline.runner import resolve_workers
+from pipeline.scores import ScoreTable, concat, write_scores
+from pipeline.streams import Features, check_head, load_features, open_streams, per_video
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(ValueError):
+    """A manifest and features that cannot be trained on as asked (a split without train or
+    test videos); names the split and the counts."""
+
+
+@dataclass
+class Trained:
+    """What training one head on every split gives, before anything is written.
+
+    states: {split: the head's state_dict after fitting on that split's train videos}.
+    scores: one row per (split, subset, video), scores (N, C) softmax (mean over views).
+    log: train_log.json's content (no wall-clock time: see ``train_splits``).
+    """
+
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scores: ScoreTable | None = None
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_arrays(
+    feats: Features, parts: Mapping[str, list]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """{subset: videos} -> (x, y, groups) per subset: x (R, T, D) or (R, T, C, H, W) float32,
+    one row per view (per video without a view axis); y (N,) the video labels; groups (R,) the
+    index of each row's video, so that per-view scores can be averaged back to videos."""
+    n_views = {p: [len(feats.videos[v.video_id]) for v in vs] for p, vs in parts.items()}
+    groups = {p: np.repeat(np.arange(len(vs)), n_views[p]) for p, vs in parts.items()}
+    x = {
+        p: np.stack([r for v in vs for r in feats.videos[v.video_id]]).astype(np.float32)
+        for p, vs in parts.items()
+    }
+    y = {p: np.array([v.label for v in vs]) for p, vs in parts.items()}
+    return x, y, groups
+
+
+def train_splits(
+    *,
+    head: str,
+    stream: str,
+    head_params: Mapping[str, Any],
+    cfg: TrainConfig,
+    feats: Features,
+    manifest: Manifest,
+) -> Trained:
+    """Fit ``head`` on every split of ``manifest`` with ``feats`` (videos without features are
+    left out) -> Trained. ``head_params``: its checked params.yaml section (training settings
+    and constructor arguments, pipeline.config.head_section); ``stream``: for the log only.
+
+    Each split starts from ``cfg.seed``, so a split's weights and scores do not depend on the
+    splits before it; raises TrainError when a split has no train or no test video."""
+    settings, model_kwargs = split_head_params(head_params)
+    dims = feats.dims
+    in_dim = sum(dims)
+    num_classes = len(manifest.classes)
+    if len(dims) > 1 and "stream_dims" in head_arguments(head):
+        model_kwargs = {**model_kwargs, "stream_dims": dims}
+
+    def make() -> torch.nn.Module:
+        return build_head(head, in_dim=in_dim, num_classes=num_classes, **model_kwargs)
+
+    out = Trained(log={"head": head, "stream": stream, "features": feats.backbones, "splits": {}})
+    if feats.steps is not None:
+        out.log["steps"] = feats.steps
+    if any(layout != "(T, D)" for layout in feats.layouts):
+        out.log["layouts"] = feats.layouts
+    tables = []
+    for split in manifest.split_names:
+        parts = {
+            p: [v for v in manifest.subset(split, p) if v.video_id in feats.videos]
+            for p in ("train", "test")
+        }
+        if not parts["train"] or not parts["test"]:
+            raise TrainError(
+                f"split {split} has {len(parts['train'])} train and {len(parts['test'])} test videos with features"
+            )
+        x, y, groups = _split_arrays(feats, parts)
+        y_rows = {p: y[p][groups[p]] for p in parts}
+        t0 = time.perf_counter()
+        seed_everything(cfg.seed)
+        model = make()
+        losses = fit(
+            model,
+            x["train"],
+            y_rows["train"],
+            settings,
+            seed=cfg.seed,
+            desc=f"{head}/{stream} split {split}",
+        )
+        out.states[split] = model.state_dict()
+        test_scores, report = predict_report(model, x["test"])
+        scores = {"test": per_video(test_scores, groups["test"], feats.views)}
+        if cfg.oof_folds >= 2:
+            train_scores = out_of_fold(
+                make,
+                x["train"],
+                y_rows["train"],
+                settings,
+                folds=cfg.oof_folds,
+                seed=cfg.seed,
+                num_classes=num_classes,
+                groups=groups["train"] if feats.views else None,
+            )
+        else:
+            train_scores = predict(model, x["train"])
+        scores["train"] = per_video(train_scores, groups["train"], feats.views)
+        for p in ("train", "test"):
+            n = len(parts[p])
+            tables.append(
+                ScoreTable([split] * n, [p] * n, [v.video_id for v in parts[p]], y[p], scores[p])
+            )
+        acc = float((scores["test"].argmax(1) == y["test"]).mean())
+        log.info(
+            "%s/%s split %s: test top-1 %.3f (%d videos), %.1f s",
+            head,
+            stream,
+            split,
+            acc,
+            len(y["test"]),
+            time.perf_counter() - t0,
+        )
+        out.log["splits"][split] = {
+            "train_videos": len(y["train"]),
+            "test_videos": len(y["test"]),
+            **(
+                {"train_views": len(x["train"]), "test_views": len(x["test"])}
+                if feats.views
+                else {}
+            ),
+            "test_top1": acc,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            # no seconds here: train_log.json is in the stage's DVC output, whose hash must
+            # depend on inputs and params only, or every re-run would re-run fuse and evaluate.
+            # The time is in the log line above.
+            **{f"test_{k}": v for k, v in report.items()},
+        }
+        for k, v in report.items():
+            log.info("%s/%s split %s: %s = %.4g", head, stream, split, k, v)
+    out.scores = concat(tables)
+    return out
+
+
+def write_trained(trained: Trained, out: Path) -> None:
+    """``out``/model_split<s>.pt for every split, scores.csv and train_log.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, state in trained.states.items():
+        torch.save(state, out / f"model_split{split}.pt")
+    assert trained.scores is not None  # train_splits always sets it
+    write_scores(out / "scores.csv", trained.scores)
+    (out / "train_log.json").write_text(json.dumps(trained.log, indent=1))
+
+
+def train_head(
+    *,
+    head: str,
+    stream: str,
+    head_params: Mapping[str, Any],
+    cfg: TrainConfig,
+    features: Sequence[Path],
+    manifest: Path,
+    out: Path,
+    expected: Sequence[dict] | None = None,
+) -> Trained:
+    """The train stage: ``head`` on the features stage outputs ``features`` (one folder per
+    stream of ``stream``, e.g. "rgb+flow", holding ``cache/``) for every split of the manifest
+    file ``manifest``; writes ``out`` (see ``write_trained``) and returns what it wrote.
+
+    ``expected``: one params_identity per cache, compared with what the cache was written with
+    (None: not checked). Raises StreamError (caches the head cannot take, or written with other
+    settings), CacheError (a damaged cache) or TrainError before anything is written."""
+    torch.set_num_threads(resolve_workers(cfg.threads))
+    m = read_manifest(manifest)
+    streams = open_streams(
+        list(features), stream.split("+"), None if expected is None else list(expected)
+    )
+    check_head(head, split_head_params(head_params)[1], streams)
+    feats = load_features(streams, [v.video_id for v in m.videos], steps=cfg.steps)
+    missing = [v.video_id for v in m.videos if v.video_id not in feats.videos]
+    if missing:
+        log.warning(
+            "%d of %d manifest videos have no %s features (failed upstream); left out",
+            len(missing),
+            len(m.videos),
+            stream,
+        )
+    trained = train_splits(
+        head=head, stream=stream, head_params=head_params, cfg=cfg, feats=feats, manifest=m
+    )
+    write_trained(trained, out)
+    return trained

@@ -1,0 +1,240 @@
+"""Tests for pipeline/training.py, the train stage's per-split protocol, on tiny in-memory
+features (pipeline.streams.Features) and manifests: no DVC, no subprocess. The cache layouts
+and their loading are tested in tests/test_train.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.config import TrainConfig
+from pipeline.datasets import read_manifest
+from pipeline.engine import predict
+from pipeline.heads import build_head
+from pipeline.manifest import Manifest, VideoRecord, write_manifest
+from pipeline.scores import read_scores
+from pipeline.streams import Features
+from pipeline.training import TrainError, train_head, train_splits
+from stages import train as train_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HP = {"epochs": 2, "batch_size": 4, "lr": 0.05}
+D = 4
+
+
+def _manifest(split_names: tuple[str, ...] = ("1", "2"), per_class: int = 6) -> Manifest:
+    """2 classes; split 1 tests the last 2 videos of each class, split 2 the first 2."""
+
+    def role(split: str, i: int) -> str:
+        test = i >= per_class - 2 if split == "1" else i < 2
+        return "test" if test else "train"
+
+    videos = [
+        VideoRecord(
+            video_id=f"c{c}_v{i}",
+            path=Path(f"/x/c{c}_v{i}.avi"),
+            label=c,
+            group=f"c{c}_v{i}",
+            splits=tuple(role(s, i) for s in split_names),
+        )
+        for c in range(2)
+        for i in range(per_class)
+    ]
+    return Manifest(classes=("a", "b"), split_names=split_names, videos=videos)
+
+
+def _features(m: Manifest, *, views: bool = False, seed: int = 0) -> Features:
+    """(5, D) sequences whose feature ``label`` is raised; with ``views``, 1 to 3 views per
+    video, the first carrying the label and the others noise."""
+    rng = np.random.default_rng(seed)
+    videos = {}
+    for k, v in enumerate(m.videos):
+        n = 1 + k % 3 if views else 1
+        arrs = [rng.normal(size=(5, D)).astype(np.float32) for _ in range(n)]
+        arrs[0][:, v.label] += 3.0
+        videos[v.video_id] = arrs
+    return Features(
+        videos=videos,
+        dims=[D],
+        backbones=["synthetic"],
+        views=views,
+        maps=False,
+        steps=None,
+        layouts=["(V, T, D)" if views else "(T, D)"],
+    )
+
+
+def _train(m: Manifest, feats: Features, oof: int = 2) -> object:
+    return train_splits(
+        head="mean_pool",
+        stream="rgb",
+        head_params=HP,
+        cfg=TrainConfig(oof_folds=oof, threads=1),
+        feats=feats,
+        manifest=m,
+    )
+
+
+def _model(state: dict) -> torch.nn.Module:
+    model = build_head("mean_pool", in_dim=D, num_classes=2)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_every_split_gives_weights_and_one_score_row_per_train_and_test_video() -> None:
+    m = _manifest()
+    t = _train(m, _features(m))
+    assert list(t.states) == ["1", "2"]
+    for split in ("1", "2"):
+        for part in ("train", "test"):
+            rows = t.scores.select(split=split, subset=part)
+            assert rows.video_id == [v.video_id for v in m.subset(split, part)]
+            assert rows.label.tolist() == [v.label for v in m.subset(split, part)]
+            np.testing.assert_allclose(rows.scores.sum(1), 1.0, atol=1e-5)  # softmax
+        assert t.log["splits"][split]["train_videos"] == 8
+        assert t.log["splits"][split]["test_videos"] == 4
+    assert t.log["head"] == "mean_pool" and t.log["features"] == ["synthetic"]
+    assert "layouts" not in t.log and "steps" not in t.log  # the defaults are not logged
+    # the log holds no wall-clock time: it is part of a DVC output (tests/test_reproducible.py)
+    assert not any("second" in k or "time" in k for k in t.log["splits"]["1"])
+
+
+def test_test_scores_are_the_saved_models_predictions() -> None:
+    m = _manifest()
+    feats = _features(m)
+    t = _train(m, feats)
+    test = t.scores.select(split="2", subset="test")
+    x = np.stack([feats.videos[v][0] for v in test.video_id])
+    np.testing.assert_allclose(test.scores, predict(_model(t.states["2"]), x), rtol=1e-5)
+
+
+def test_train_scores_are_out_of_fold_with_folds_and_in_sample_without() -> None:
+    m = _manifest()
+    feats = _features(m)
+    ids = [v.video_id for v in m.subset("1", "train")]
+    x = np.stack([feats.videos[v][0] for v in ids])
+    oof = _train(m, feats, oof=2)
+    insample = _train(m, feats, oof=0)
+    # the split's model is the same either way (seeded per split); only the train rows differ
+    for k, w in oof.states["1"].items():
+        torch.testing.assert_close(w, insample.states["1"][k])
+    fitted = predict(_model(insample.states["1"]), x)
+    np.testing.assert_allclose(
+        insample.scores.select(split="1", subset="train").scores, fitted, rtol=1e-5
+    )
+    held_out = oof.scores.select(split="1", subset="train").scores
+    assert np.abs(held_out - fitted).max() > 1e-3  # models that did not see the video
+
+
+def test_a_split_does_not_depend_on_the_splits_before_it() -> None:
+    both = _manifest(("1", "2"))
+    only_2 = _manifest(("2",))
+    a, b = _train(both, _features(both)), _train(only_2, _features(only_2))
+    for k, w in a.states["2"].items():
+        torch.testing.assert_close(w, b.states["2"][k])
+    np.testing.assert_array_equal(
+        a.scores.select(split="2", subset="test").scores,
+        b.scores.select(split="2", subset="test").scores,
+    )
+
+
+def test_views_train_one_row_per_view_and_score_a_video_by_its_views_mean() -> None:
+    m = _manifest(("1",))
+    feats = _features(m, views=True)
+    t = _train(m, feats)
+    log = t.log["splits"]["1"]
+    train_ids = [v.video_id for v in m.subset("1", "train")]
+    assert log["train_views"] == sum(len(feats.videos[v]) for v in train_ids)
+    assert t.log["layouts"] == ["(V, T, D)"]
+    test = t.scores.select(split="1", subset="test")
+    model = _model(t.states["1"])
+    for vid, got in zip(test.video_id, test.scores, strict=True):
+        want = predict(model, np.stack(feats.videos[vid])).mean(0)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_videos_without_features_are_left_out_and_a_split_left_empty_is_an_error() -> None:
+    m = _manifest(("1",))
+    feats = _features(m)
+    del feats.videos["c0_v0"]
+    t = _train(m, feats)
+    assert "c0_v0" not in t.scores.video_id and len(t.scores.video_id) == 11
+    for v in m.subset("1", "test"):
+        del feats.videos[v.video_id]
+    with pytest.raises(TrainError, match="split 1 has 7 train and 0 test videos with features"):
+        _train(m, feats)
+
+
+def _cache_dir(tmp: Path, m: Manifest) -> Path:
+    feats = _features(m)
+    with open_cache(tmp / "rgb" / "cache", "w", attrs={"dim": D, "backbone": "synthetic"}) as c:
+        for vid, (x,) in feats.videos.items():
+            c.write(vid, x.astype(np.float16), {"source": "x"})
+    return tmp / "rgb"
+
+
+def test_train_head_writes_what_it_returns(tmp_path: Path) -> None:
+    m = _manifest()
+    write_manifest(m, tmp_path / "manifest.csv")
+    out = tmp_path / "out"
+    t = train_head(
+        head="mean_pool",
+        stream="rgb",
+        head_params=HP,
+        cfg=TrainConfig(oof_folds=2, threads=1),
+        features=[_cache_dir(tmp_path, m)],
+        manifest=tmp_path / "manifest.csv",
+        out=out,
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_split1.pt",
+        "model_split2.pt",
+        "scores.csv",
+        "train_log.json",
+    ]
+    for split, state in t.states.items():
+        saved = torch.load(out / f"model_split{split}.pt", weights_only=True)
+        assert saved.keys() == state.keys()
+        for k in state:
+            torch.testing.assert_close(saved[k], state[k])
+    table = read_scores(out / "scores.csv")
+    assert table.video_id == t.scores.video_id and table.subset == t.scores.subset
+    np.testing.assert_allclose(table.scores, t.scores.scores, rtol=1e-5)  # %.6g in the CSV
+    assert json.loads((out / "train_log.json").read_text()) == t.log
+
+
+def test_the_stage_turns_an_empty_split_into_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    m = _manifest(("1",))
+    features = _cache_dir(tmp_path, m)
+    # a manifest whose test videos have no features: the caches hold split 1's train videos only
+    tests = {v.video_id for v in m.subset("1", "test")}
+    shifted = Manifest(
+        classes=m.classes,
+        split_names=m.split_names,
+        videos=[
+            VideoRecord(v.video_id + "_x", v.path, v.label, v.group, v.splits)
+            if v.video_id in tests
+            else v
+            for v in m.videos
+        ],
+    )
+    write_manifest(shifted, tmp_path / "manifest.csv")
+    assert len(read_manifest(tmp_path / "manifest.csv").videos) == 12
+    with pytest.raises(SystemExit) as e:
+        train_stage.main(
+            "mean_pool",
+            "rgb",
+            head_params=HP,
+            cfg=TrainConfig(oof_folds=0, threads=1),
+            features=[features],
+            manifest=tmp_path / "manifest.csv",
+            out=tmp_path / "out",
+        )
+    assert str(e.value) == "train: split 1 has 8 train and 0 test videos with features"
+    assert not (tmp_path / "out").exists()
