@@ -148,12 +148,12 @@ def test_changed_video_is_recomputed_not_resumed(tmp_path: Path) -> None:
     frames = render("motion_right", np.random.default_rng(99), np.full((32, 32, 3), 90.0), 12)
     write_video(Path(plan.videos[vid].path), frames, 25)
     # prepare would regenerate the demo; re-probe by hand so the new bytes are what the plan sees
-    from stages.prepare import _probe
+    from pipeline.preparation import probe_file
 
     rows = list(csv.DictReader((prep / "probe.csv").open()))
     for r in rows:
         if r["video_id"] == vid:
-            r["sha256"] = _probe(Path(plan.videos[vid].path))["sha256"]
+            r["sha256"] = probe_file(Path(plan.videos[vid].path)).sha256
     with (prep / "probe.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
