@@ -46,6 +46,19 @@ def videos(testdata: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["zarr", "hdf5"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each cache backend in turn (the tests of pipeline/cache run on both); a test that
+    parametrizes ``backend`` itself overrides this."""
+    return request.param
+
+
+@pytest.fixture
+def cache_path(tmp_path: Path) -> Path:
+    """Where a cache test makes its cache."""
+    return tmp_path / "cache"
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread. The tests' tensors are tiny, and on a small shared CPU

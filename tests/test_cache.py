@@ -21,17 +21,6 @@ from cache_helpers import ATTRS, BACKENDS, ROOT, cache_files, fill, pack_names, 
 
 from pipeline.cache import CacheError, open_cache
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
 # -- round trip -------------------------------------------------------------------------------
 
 ARRAYS = {

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from cache_helpers import (
     ATTRS,
-    BACKENDS,
     DAMAGE_IDS,
     IDS,
     ROOT,
@@ -36,16 +35,6 @@ from cache_helpers import (
 from pipeline.cache import CacheError, compaction, open_cache
 from pipeline.cache.compaction import groups
 from pipeline.cache.layout import PACK_BYTES, Group, unit_name
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def _entry(shape: tuple[int, ...], dtype: str = "<f2") -> dict:

@@ -8,19 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import ATTRS, BACKENDS, fill, pack_names, video
+from cache_helpers import ATTRS, fill, pack_names, video
 
 from pipeline.cache import CacheError, open_cache
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def test_check_attrs_names_the_differing_key_and_both_values(

@@ -9,21 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import ATTRS, BACKENDS, cache_files, fill, pack_names, suffix
+from cache_helpers import ATTRS, cache_files, fill, pack_names, suffix
 
 from pipeline.cache import CacheError, open_cache
 from pipeline.cache.layout import FORMAT, seal, unseal
 from pipeline.cache.storage import HDF5Storage, _userblock
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 # '/' is allowed (ids are paths under the dataset root: tests/test_ids.py); empty and "."-led

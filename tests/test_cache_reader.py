@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from cache_helpers import (
     ATTRS,
-    BACKENDS,
     DAMAGE_IDS,
     DAMAGES,
     IDS,
@@ -30,16 +29,6 @@ from cache_helpers import (
 )
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def test_read_returns_a_copy(cache_path: Path, backend: str) -> None:

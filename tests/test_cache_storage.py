@@ -12,20 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import ATTRS, BACKENDS, ROOT, cache_files, pack_names
+from cache_helpers import ATTRS, ROOT, cache_files, pack_names
 
 import pipeline.cache.storage
 from pipeline.cache import CacheError, open_cache
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def test_only_the_storage_module_imports_zarr_or_h5py() -> None:
