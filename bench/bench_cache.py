@@ -15,7 +15,9 @@
 (d) For every cache under --data (``**/cache.json``, plus caches of the older per-video layout
     for comparison) and the synthetic caches of (c): videos, files, bytes, bytes per video, and
     an extrapolation to UCF101 (13,320 videos): files = ceil(13320 / videos_per_pack) *
-    files_per_pack + 1, bytes = bytes_per_video * 13320.
+    files_per_pack + 1 (packs hold videos_per_pack videos on average, with content-defined
+    boundaries: 206 packs measured for 64, see bench/bench_compaction.py), bytes =
+    bytes_per_video * 13320.
 
     python bench/bench_cache.py [--data data] [--videos 1000] [--videos-per-pack 64]
 

@@ -20,7 +20,7 @@ DAMAGES = ["delete", "truncate", "zero", "flip"]
 # data: the shard (zarr) or the HDF5 data after the user block; header: zarr.json or the HDF5
 # user block (the pack's index); doc: cache.json
 TARGETS = ["data", "header", "doc"]
-DAMAGE_IDS = [f"d_{i:02d}" for i in range(20)]  # packs of 8, 8 and 4 videos
+DAMAGE_IDS = [f"d_{i:02d}" for i in range(20)]  # packs of 3, 8, 7 and 2 videos
 VICTIM = "d_09"  # in the second pack
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # where an HDF5 pack's user block (its header) ends
 

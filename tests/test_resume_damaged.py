@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOW = FlowConfig(algorithm="farneback", workers=1)
 R18 = StreamFeaturesConfig(backbone="resnet18", weights="none", crop=32, batch_size=16, threads=1)
 BACKENDS = ["zarr", "hdf5"]
-VICTIM_AT = 9  # the 10th video (sorted): in the second pack of 8
+VICTIM_AT = 9  # the 10th video (sorted): in the second pack (of 8)
 
 
 def _packs(backend: str) -> CacheConfig:
