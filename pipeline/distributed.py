@@ -7,92 +7,69 @@ shared cache (per-video files: no two ranks write the same file), and rank 0 fin
 (compaction, failures file, counts) after a barrier. Rank 0 alone checks the entries a resumed
 run keeps and tells the others which they are, so every rank shards the same list.
 ``sharded_run`` is that protocol, as the flow and features stages both use it.
+
+"Shared" is proved, not assumed: each rank opens the output at the path given on its own
+machine, and on machines without a shared filesystem a rank that finds a cache of the same
+settings there (an earlier run, a ``dvc pull``) would write its videos into that copy and exit 0
+while rank 0's cache lacks them. So before any video ``check_shared_dir`` (pipeline/world.py) has
+every rank read a token rank 0 just wrote, and after the run rank 0 checks that every video assigned to any rank
+is in its cache or recorded as failed (``check_arrived``); either stops every rank with a
+``SharedDirError``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from pipeline.cache import CacheError, FeatureCache, open_cache
 from pipeline.config import CacheConfig
 from pipeline.runner import Counts, Failure, finish
+from pipeline.world import SHARED_HINT, SharedDirError, World, check_shared_dir, close_world
 
-T = TypeVar("T")
-
-# A barrier waits for the slowest rank to finish its whole shard, which can take hours on a
-# large dataset; the default 30-minute collective timeout would kill a healthy run.
-TIMEOUT = datetime.timedelta(days=7)
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1  # ranks on this machine, which share its cores
-
-    @property
-    def primary(self) -> bool:
-        return self.rank == 0
-
-    def cores(self, n: int) -> int:
-        """``n`` workers or threads, where 0 means this rank's share of the machine's cores."""
-        return n if n > 0 else max((os.cpu_count() or 1) // self.local_size, 1)
-
-    def shard(self, items: Sequence[T]) -> list[T]:
-        """This rank's share of ``items``: every size-th item from position rank."""
-        return list(items[self.rank :: self.size])
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (a collective: every rank waits for rank 0)."""
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank, in rank order (a list of one without torchrun)."""
-        if self.size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def init_world(device: torch.device) -> World:
-    """The torchrun world from the environment, with its process group started (gloo on CPU,
-    nccl on CUDA, where each process takes GPU LOCAL_RANK)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=TIMEOUT)
-    return World(rank=rank, size=size, local_rank=local, local_size=local_size)
-
-
-def close_world(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def check_arrived(
+    path: Path,
+    assigned: Sequence[Sequence[str]],
+    *,
+    sources: Mapping[str, str],
+    failed: Collection[str],
+) -> None:
+    """Check that every video ``assigned`` to a rank (``assigned[r]``: rank r's todo) is in the
+    cache at ``path``, computed from ``sources[id]``, or is among the ``failed`` ids; raise a
+    SharedDirError naming how many are missing, the first few and the ranks that computed
+    them. Run by rank 0 once every rank has written and the cache is compacted: a rank whose
+    writes went to another directory has sent its counts, but not its videos."""
+    rank_of = {v: r for r, ids in enumerate(assigned) for v in ids}
+    want = {v: sources[v] for v in rank_of if v not in failed}
+    # Listed with the source it was computed from, in packs whose headers check out on open.
+    # The entries are not read again: compaction read each new one with its sha1 checked.
+    with open_cache(path, "r") as c:
+        missing = sorted(set(want) - c.up_to_date(want))
+    if missing:
+        ranks = sorted({rank_of[v] for v in missing})
+        first = ", ".join(f"{v} (rank {rank_of[v]})" for v in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        # rank 0 writes into this cache itself: its videos missing is a stage that neither
+        # wrote nor failed them, not a filesystem that is not shared
+        why = (
+            f"they were written where rank 0 does not see them: {SHARED_HINT}"
+            if ranks != [0]
+            else "the stage neither wrote them nor recorded them as failed"
+        )
+        raise SharedDirError(
+            f"{path}: {len(missing)} of the {len(rank_of)} videos computed by rank(s) "
+            f"{', '.join(map(str, ranks))} are neither in the cache nor recorded as failed: "
+            f"{first}{more}; {why}"
+        )
 
 
 def open_shared_cache(
@@ -104,9 +81,11 @@ def open_shared_cache(
     computed from that input and reads back sound: the primary opens first (it alone may start
     the cache over, clean a killed run's leftovers or drop damaged packs), reads every entry it
     would keep with its digest checked (``up_to_date(verify=True)``; a damaged one is logged,
-    naming the video and the file, and recomputed), then sends the done ids to the others,
-    which open the cache after it. Videos not in ``sources`` are dropped when the primary
-    compacts (``FeatureCache.retain``)."""
+    naming the video and the file, and recomputed), then sends the done ids to the others.
+    Every rank then proves it sees the primary's cache at its own ``path``
+    (``check_shared_dir``: a SharedDirError on every rank otherwise, before any rank opens a
+    cache of its own machine), and the others open it. Videos not in ``sources`` are dropped
+    when the primary compacts (``FeatureCache.retain``)."""
     done: set[str] = set()
     cache = None
     if world.primary:
@@ -122,6 +101,12 @@ def open_shared_cache(
     got = world.broadcast(done)
     if isinstance(got, str):
         raise CacheError(got)
+    try:
+        check_shared_dir(world, path)
+    except BaseException:
+        if cache is not None:
+            cache.close(compact=False)  # left as it is, for the next run
+        raise
     if cache is None:
         cache = open_cache(path, "a", primary=False, **kw)
     return cache, got
@@ -178,11 +163,12 @@ def sharded_run(
     cache_cfg: CacheConfig,
 ) -> Iterator[ShardedRun]:
     """The protocol the flow and features stages share: open the shared cache at ``path``
-    (``open_shared_cache``; ``ids`` in the order they are computed, ``sources`` their input
-    fingerprints), give this rank its share of the videos not done, and after the body gather
-    every rank's failures and counts, leave the cache (the primary compacts it, now that every
-    rank's videos are in) and close the world. On an exception the cache is left as it is,
-    for the resume, and the exception goes on."""
+    (``open_shared_cache``, which proves every rank sees it; ``ids`` in the order they are
+    computed, ``sources`` their input fingerprints), give this rank its share of the videos not
+    done, and after the body gather every rank's failures and counts, leave the cache (the
+    primary compacts it, now that every rank's videos are in), check that every rank's videos
+    arrived (``check_arrived``: a SharedDirError on every rank otherwise) and close the world.
+    On an exception the cache is left as it is, for the resume, and the exception goes on."""
     cache, done = open_shared_cache(
         world,
         path,
@@ -191,8 +177,26 @@ def sharded_run(
         backend=cache_cfg.backend,
         videos_per_pack=cache_cfg.videos_per_pack,
     )
+    rest = [k for k in ids if k not in done]
     with cache:
-        run = ShardedRun(world, cache, done, world.shard([k for k in ids if k not in done]))
+        run = ShardedRun(world, cache, done, world.shard(rest))
         yield run
         run.failures, run.written = collect(world, run.failures, run.written)
+        verdict: tuple[str, str] | None = None
+        if world.primary:
+            try:
+                cache.close()  # compacts: every rank has written (collect)
+                assigned = [World(rank=r, size=world.size).shard(rest) for r in range(world.size)]
+                failed = {f.video_id for f in run.failures}
+                check_arrived(path, assigned, sources=sources, failed=failed)
+            except SharedDirError as e:
+                verdict = ("missing", str(e))
+            except BaseException as e:
+                # the others wait for the verdict below: tell them rather than leave them waiting
+                world.broadcast(("failed", f"rank 0 could not finish {path}: {e}"))
+                raise
+        verdict = world.broadcast(verdict)
+        if verdict is not None:
+            kind, message = verdict
+            raise SharedDirError(message) if kind == "missing" else CacheError(message)
     close_world(world)

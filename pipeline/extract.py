@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pipeline.backbones import Backbone, build_backbone, is_3d
 from pipeline.cache import FeatureCache, open_cache
 from pipeline.config import CacheConfig, ConfigError, StreamFeaturesConfig
-from pipeline.distributed import init_world, sharded_run
+from pipeline.distributed import sharded_run
 from pipeline.identity import params_identity
 from pipeline.inference import (
     Compiled,
@@ -41,6 +41,7 @@ from pipeline.plan import Plan, PlannedVideo, read_plan
 from pipeline.runner import Counts, Failure, progress
 from pipeline.versions import versions
 from pipeline.video import clip_windows, read_frames
+from pipeline.world import init_world
 
 log = logging.getLogger(__name__)
 

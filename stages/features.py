@@ -22,6 +22,7 @@ from pipeline.config import (
 from pipeline.extract import extract_features
 from pipeline.plan import PlanError
 from pipeline.runner import Counts
+from pipeline.world import SharedDirError
 
 
 def main(
@@ -56,8 +57,8 @@ if __name__ == "__main__":
             out=args.out,
             cache_cfg=section(params, "cache", CacheConfig),
         )
-    except (CacheError, ConfigError, PlanError, WeightsError) as e:
+    except (CacheError, ConfigError, PlanError, SharedDirError, WeightsError) as e:
         # each names the file and the reason (a damaged cache or full disk, settings that do
-        # not fit the frames upstream, a plan from another decoder, weights that cannot be had):
-        # a trace would only bury it
+        # not fit the frames upstream, a plan from another decoder, ranks that do not share the
+        # output, weights that cannot be had): a trace would only bury it
         raise SystemExit(f"features ({args.stream}): {e}") from None

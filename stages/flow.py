@@ -50,8 +50,9 @@ def main(
     # torch only here: the TV-L1 pool's spawned workers import this module and must stay light
     import torch
 
-    from pipeline.distributed import init_world, sharded_run
+    from pipeline.distributed import sharded_run
     from pipeline.inference import resolve_device
+    from pipeline.world import init_world
 
     plan = read_plan(plan_path)
     raft = cfg.algorithm in RAFT_ALGORITHMS
@@ -88,6 +89,7 @@ if __name__ == "__main__":
     from pipeline.backbones import WeightsError
     from pipeline.cache import CacheError
     from pipeline.plan import PlanError
+    from pipeline.world import SharedDirError
     from stages._cli import parse
 
     args, params = parse(__doc__, "plan", "out")
@@ -98,7 +100,8 @@ if __name__ == "__main__":
             out=args.out,
             cache_cfg=section(params, "cache", CacheConfig),
         )
-    except (CacheError, PlanError, WeightsError) as e:
+    except (CacheError, PlanError, SharedDirError, WeightsError) as e:
         # each names the file and the reason (a damaged cache or full disk, a plan from another
-        # decoder, weights that cannot be had): a trace would only bury it
+        # decoder, ranks that do not share the output, weights that cannot be had): a trace
+        # would only bury it
         raise SystemExit(f"flow: {e}") from None

@@ -11,8 +11,9 @@ import pytest
 
 from pipeline.cache import open_cache
 from pipeline.config import DEFAULT_CACHE
-from pipeline.distributed import World, sharded_run
+from pipeline.distributed import sharded_run
 from pipeline.runner import Counts, Failure, read_failures
+from pipeline.world import World
 
 IDS = ["a", "b", "c"]
 SOURCES = {k: f"sha-{k}" for k in IDS}
@@ -57,6 +58,10 @@ def test_a_run_stopped_by_an_error_keeps_what_it_wrote_for_the_resume(tmp_path: 
         raise OSError("disk full")
     with _run(tmp_path / "cache") as again:
         assert again.done == {"a"} and again.todo == ["b", "c"]
+        for k in again.todo:
+            again.write(k, _entry(k), {"source": SOURCES[k]})
+    with open_cache(tmp_path / "cache", "r") as c:
+        assert c.keys() == IDS
 
 
 def test_a_run_where_no_video_succeeds_stops_the_stage(tmp_path: Path) -> None:
