@@ -292,7 +292,8 @@ class CacheConfig(_Checked):
     """Storage of the flow and feature caches (read by the flow and features stages)."""
 
     backend: CacheBackend = "zarr"
-    videos_per_pack: Count = 64  # videos stored together in one pack file (DVC: few files)
+    # videos per pack file on average (content-defined boundaries); DVC: few files
+    videos_per_pack: Count = 64
 
 
 DEFAULT_CACHE = CacheConfig()  # frozen, so the flow and features stages share one default
@@ -368,9 +369,16 @@ class TrainConfig(_Checked):
     oof_folds: Annotated[int, Range(ge=0)] = 3
     threads: Cores = 0
     device: Device = "cpu"
-    # Videos whose cached sequences differ in length (3D clips: K_v = floor(l_v / r) - 1) are
-    # brought to `steps` steps by Res-LSTM's sigma(t); null = the shortest video's length.
-    steps: Count | None = None
+    # The T every sequence is brought to by Res-LSTM's sigma(t) (short videos repeat steps):
+    # "auto" = as cached when every cached length is equal, else 25 (the paper's T, Res-LSTM
+    # Table 1: the shortest UCF101 video gives 2 3D clips, far too few for a recurrent head);
+    # "shortest" = the shortest cached length; an integer forces that T.
+    steps: Literal["auto", "shortest"] | Count = "auto"
+    # Features up to this size (GB, as stored: float16 stays float16) are held in memory; larger
+    # ones are streamed from the caches batch by batch (same results, bounded memory). 4 GB: a
+    # UCF101-size pooled cache (13,320 x 25 x 2048 float16, 1.4 GB) stays in memory on an 8 GB
+    # laptop; conv maps (25 x 512 x 7 x 7 per video, 16.7 GB) stream. 0 = always stream.
+    memory_gb: NonNegative = 4.0
 
     def _rules(self) -> Iterator[tuple[str, str]]:
         if self.oof_folds == 1:

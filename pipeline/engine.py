@@ -3,23 +3,32 @@
 A head is an ``nn.Module`` mapping (B, T, D) (or (B, T, C, H, W)) to logits (B, C). It may also
 define these optional methods, which the loops call when present:
 
-- ``prepare(x: Tensor) -> None``: called once with every training video's features before any
-  optimisation, for statistics fitted on the training set (Res-LSTM's PCA, normalisers).
+- ``prepare(batches: Iterable[Tensor]) -> None``: called once before any optimisation with
+  every training row, in batches (each (B, T, D) float32, in row order), for statistics fitted
+  on the training set (Res-LSTM's PCA, normalisers). Batches, not one tensor, so that features
+  streamed from the cache (pipeline/streams.py) get the same fit as features held in memory.
+
 - ``loss(x: Tensor, y: Tensor) -> Tensor``: the training objective; default cross-entropy on
   ``forward(x)``. Heads with auxiliary terms (TSRNN's accumulative loss, RTSAE's eq. 12) use it.
 - ``pretrain_loss(x: Tensor) -> Tensor``: an unsupervised objective, minimised for
   ``pretrain_epochs`` epochs before the supervised ones (RTSAE's autoencoder stage).
 - ``report() -> dict``: numbers about the last ``forward`` in eval mode (e.g. the fraction of
   time steps an attention gate kept); the train stage logs them.
+
+Training rows come as an array (N, T, ...) or as ``Rows`` (an index over rows read on demand,
+e.g. from the feature caches); either way a batch is converted to float32 only when it is used,
+so float16 features stay float16 in memory. Mini-batches: ``batch_bounds`` (never one row).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +61,117 @@ class TrainSettings:
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     pretrain_epochs: int = 0  # epochs of the head's pretrain_loss before supervised training
     pretrain_lr: float | None = None  # None = lr
+
+
+class Rows(Protocol):
+    """Training or scoring rows, read on demand: what ``fit``, ``predict`` and ``out_of_fold``
+    take besides arrays. ``streamed``: reads are slow enough to be worth doing ahead of use, in
+    a background thread and many batches at once (see ``iter_batches``)."""
+
+    streamed: bool
+    row_nbytes: int  # the bytes of one row as stored
+
+    def __len__(self) -> int: ...
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """idx: (B,) row numbers -> their rows (B, T, ...), in the stored dtype."""
+        ...
+
+    def subset(self, idx: np.ndarray) -> Rows:
+        """The rows ``idx`` (in that order) as Rows of their own (out-of-fold folds)."""
+        ...
+
+
+class ArrayRows:
+    """Rows held in memory, through an index (a fold's rows are not copied): one array
+    (R, T, ...), or a list of R arrays (T, ...) (each video's rows as read from its cache,
+    stacked per batch, so holding them never needs a second, stacked copy)."""
+
+    streamed = False
+
+    def __init__(
+        self, data: np.ndarray | Sequence[np.ndarray], index: np.ndarray | None = None
+    ) -> None:
+        """data: (R, T, ...) any dtype, or R arrays (T, ...) of one shape and dtype; index: (N,)
+        the rows of ``data`` these rows are (None = all, in order)."""
+        self.data = data
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self.row_nbytes = data[0].nbytes if len(data) else 0
+
+    def __len__(self) -> int:
+        return len(self.data) if self.index is None else len(self.index)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        rows = np.asarray(idx if self.index is None else self.index[idx], dtype=np.int64)
+        if isinstance(self.data, np.ndarray):
+            return self.data[rows]
+        return np.stack([self.data[r] for r in rows])
+
+    def subset(self, idx: np.ndarray) -> ArrayRows:
+        idx = np.asarray(idx, dtype=np.int64)
+        return ArrayRows(self.data, idx if self.index is None else self.index[idx])
+
+
+def as_rows(x: np.ndarray | Rows) -> Rows:
+    """An array (N, T, ...) -> ArrayRows over it; Rows stay as they are."""
+    return ArrayRows(x) if isinstance(x, np.ndarray) else x
+
+
+# Streamed rows are read a window of consecutive batches at a time, up to this many bytes as
+# stored (at least one batch), one window ahead of the one in use: 2 x 256 MB held at most.
+# Why windows: a take() of many rows can read them in cache order, so rows that share a
+# compressed chunk (pooled features: 16 videos of 25 x 1280 float16 a ~1 MiB chunk) or a video
+# (its views) are decoded once, not once per row; batches and their order stay exactly those of
+# the in-memory path. Measured by bench/bench_train_stream.py.
+READ_AHEAD_BYTES = 256 << 20
+
+
+def iter_batches(
+    rows: Rows, order: np.ndarray, bounds: list[tuple[int, int]]
+) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """(row numbers (B,), rows (B, T, ...) float32) for each [start, stop) of ``bounds`` over
+    ``order``, in that order. Streamed rows are read in windows of consecutive batches (see
+    READ_AHEAD_BYTES) by one background thread (one: a cache reader is used by one thread at a
+    time), the next window while the model computes on this one."""
+    if not rows.streamed:
+        for a, b in bounds:
+            idx = order[a:b]
+            yield idx, torch.from_numpy(np.ascontiguousarray(rows.take(idx))).float()
+        return
+    per = max(1, READ_AHEAD_BYTES // max(rows.row_nbytes, 1))
+    windows: list[list[tuple[int, int]]] = [[]]
+    for a, b in bounds:
+        if windows[-1] and b - windows[-1][0][0] > per:
+            windows.append([])
+        windows[-1].append((a, b))
+    windows = [w for w in windows if w]
+
+    def load(w: list[tuple[int, int]]) -> np.ndarray:
+        return rows.take(order[w[0][0] : w[-1][1]])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="rows") as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        nxt = 0
+        for w in windows:
+            while nxt < len(windows) and len(pending) < 2:
+                pending.append(pool.submit(load, windows[nxt]))
+                nxt += 1
+            data = pending.popleft().result()
+            start = w[0][0]
+            for a, b in w:
+                part = np.ascontiguousarray(data[a - start : b - start])
+                yield order[a:b], torch.from_numpy(part).float()
+            del data
+
+
+def _prepare_batches(rows: Rows, *, max_bytes: int = 64 << 20) -> Iterator[Tensor]:
+    """Every row in order, in float32 batches of at most ``max_bytes`` (at least one row)."""
+    n = len(rows)
+    if n == 0:
+        return
+    per = max(1, max_bytes // max(rows.take(np.arange(1)).size * 4, 1))
+    for _, xb in iter_batches(rows, np.arange(n), [(a, min(a + per, n)) for a in range(0, n, per)]):
+        yield xb
 
 
 def split_head_params(params: Mapping[str, Any]) -> tuple[TrainSettings, dict[str, Any]]:
@@ -87,21 +207,24 @@ def head_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def fit(
     model: nn.Module,
-    x: np.ndarray,
+    x: np.ndarray | Rows,
     y: np.ndarray,
     s: TrainSettings,
     *,
     seed: int,
     desc: str = "train",
 ) -> list[float]:
-    """Train ``model`` on x (N, T, D), y (N,) -> mean loss per epoch. Deterministic for a seed."""
+    """Train ``model`` on x (N, T, D) (an array or Rows), y (N,) -> mean loss per epoch.
+    Deterministic for a seed, and the same for an array and Rows holding the same values."""
     seed_everything(seed)
-    xt = torch.as_tensor(x, dtype=torch.float32)
+    rows = as_rows(x)
     yt = torch.as_tensor(y, dtype=torch.long)
-    prepare: Callable[[Tensor], None] | None = getattr(model, "prepare", None)
+    if len(rows) != len(yt):
+        raise ValueError(f"{desc}: {len(rows)} rows but {len(yt)} labels")
+    prepare: Callable[[Iterable[Tensor]], None] | None = getattr(model, "prepare", None)
     if prepare is not None:
         with torch.no_grad():
-            prepare(xt)
+            prepare(_prepare_batches(rows))
     gen = torch.Generator().manual_seed(seed)
     pretrain: Callable[[Tensor], Tensor] | None = getattr(model, "pretrain_loss", None)
     if s.pretrain_epochs and pretrain is None:
@@ -114,14 +237,39 @@ def fit(
             s,
             s.pretrain_epochs,
             gen,
-            lambda idx: pretrain(xt[idx]),
-            len(xt),
+            rows,
+            lambda xb, idx: pretrain(xb),
             f"{desc} (pretrain)",
         )
     opt = _optimizer(model, s, s.lr)
     return _epochs(
-        model, opt, s, s.epochs, gen, lambda idx: head_loss(model, xt[idx], yt[idx]), len(xt), desc
+        model,
+        opt,
+        s,
+        s.epochs,
+        gen,
+        rows,
+        lambda xb, idx: head_loss(model, xb, yt[torch.from_numpy(idx)]),
+        desc,
     )
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each mini-batch of an epoch over n rows: ``batch_size`` rows each, the
+    rest in the last one, except that a last batch of one row joins the one before it.
+
+    Why: BatchNorm in training mode cannot normalise one row (TS-LSTM's and temporal
+    inception's BatchNorm1d raise on (1, C)), and N % batch_size == 1 happens on real splits
+    (UCF101 split 1: 9,537 = 596 x 16 + 1 training videos) and on out-of-fold folds. Merged,
+    not dropped: every row is seen every epoch and the epoch's mean loss covers all rows; one
+    batch of batch_size + 1 rows changes nothing else. n == 1 (or batch_size == 1) keeps
+    batches of one row."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"batch_bounds needs n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    starts = list(range(0, n, batch_size))
+    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(a, starts[i + 1] if i + 1 < len(starts) else n) for i, a in enumerate(starts)]
 
 
 def _epochs(
@@ -130,20 +278,22 @@ def _epochs(
     s: TrainSettings,
     epochs: int,
     gen: torch.Generator,
-    batch_loss: Callable[[Tensor], Tensor],
-    n: int,
+    rows: Rows,
+    batch_loss: Callable[[Tensor, np.ndarray], Tensor],
     desc: str,
 ) -> list[float]:
-    """Shuffled mini-batch epochs minimising ``batch_loss(indices)`` -> mean loss per epoch."""
+    """Shuffled mini-batch epochs minimising ``batch_loss(x (B, T, ...), row numbers (B,))``
+    -> mean loss per epoch."""
     losses = []
     model.train()
+    n = len(rows)
+    bounds = batch_bounds(n, s.batch_size)
     for _ in progress(range(epochs), desc=desc, unit="epoch"):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).numpy()
         total = 0.0
-        for i in range(0, n, s.batch_size):
-            idx = order[i : i + s.batch_size]
+        for idx, xb in iter_batches(rows, order, bounds):
             opt.zero_grad()
-            loss = batch_loss(idx)
+            loss = batch_loss(xb, idx)
             loss.backward()
             if s.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -153,28 +303,29 @@ def _epochs(
     return losses
 
 
-def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """x: (N, T, D) -> softmax probabilities (N, C)."""
+def predict(model: nn.Module, x: np.ndarray | Rows, *, batch_size: int = 256) -> np.ndarray:
+    """x: (N, T, D) (an array or Rows) -> softmax probabilities (N, C)."""
     return predict_report(model, x, batch_size=batch_size)[0]
 
 
 @torch.inference_mode()
 def predict_report(
-    model: nn.Module, x: np.ndarray, *, batch_size: int = 256
+    model: nn.Module, x: np.ndarray | Rows, *, batch_size: int = 256
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """x: (N, T, D) -> (softmax probabilities (N, C), the head's ``report()`` averaged over
-    batches weighted by batch size; empty for heads without one)."""
+    """x: (N, T, D) (an array or Rows) -> (softmax probabilities (N, C), the head's
+    ``report()`` averaged over batches weighted by batch size; empty for heads without one)."""
     model.eval()
-    xt = torch.as_tensor(x, dtype=torch.float32)
+    rows = as_rows(x)
+    n = len(rows)
     report = getattr(model, "report", None)
     out, totals = [], {}
-    for i in range(0, len(xt), batch_size):
-        batch = xt[i : i + batch_size]
+    bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+    for _, batch in iter_batches(rows, np.arange(n), bounds):
         out.append(model(batch).softmax(dim=-1))
         if report is not None:
             for k, v in report().items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
-    return torch.cat(out).numpy(), {k: v / len(xt) for k, v in totals.items()}
+    return torch.cat(out).numpy(), {k: v / n for k, v in totals.items()}
 
 
 def mean_over_views(probs: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -223,7 +374,7 @@ def fold_assignment(
 
 def out_of_fold(
     make: Callable[[], nn.Module],
-    x: np.ndarray,
+    x: np.ndarray | Rows,
     y: np.ndarray,
     s: TrainSettings,
     *,
@@ -232,16 +383,17 @@ def out_of_fold(
     num_classes: int,
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cross-fitted probabilities (N, C) for the training rows x (N, T, ...): each is scored by a
-    model that did not see its video, so late fusion learned on them (SVM) is not fitted to
-    over-confident scores. groups: (N,) the video of each row (views); see ``fold_assignment``.
+    """Cross-fitted probabilities (N, C) for the training rows x (N, T, ...) (an array or
+    Rows): each is scored by a model that did not see its video, so late fusion learned on them
+    (SVM) is not fitted to over-confident scores. groups: (N,) the video of each row (views); see ``fold_assignment``.
     The result stays per row; ``mean_over_views`` gives per-video scores."""
     fold = fold_assignment(y, folds=folds, seed=seed, num_classes=num_classes, groups=groups)
     probs = np.zeros((len(y), num_classes), dtype=np.float32)
     k = int(fold.max()) + 1
+    rows = as_rows(x)
     for f in range(k):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         model = make()
-        fit(model, x[tr], y[tr], s, seed=seed + 1 + f, desc=f"fold {f + 1}/{k}")
-        probs[te] = predict(model, x[te])
+        fit(model, rows.subset(tr), y[tr], s, seed=seed + 1 + f, desc=f"fold {f + 1}/{k}")
+        probs[te] = predict(model, rows.subset(te))
     return probs

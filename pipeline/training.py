@@ -4,8 +4,9 @@ the manifest.
 
 Per split: fit on the train videos, save the weights, score the test videos, and score the
 train videos out of fold (``TrainConfig.oof_folds`` >= 2; in-sample otherwise) so that the SVM
-fusion learns from scores the model did not see. Cache layouts, views and the resampling of
-unequal lengths to ``TrainConfig.steps``: pipeline/streams.py.
+fusion learns from scores the model did not see. Cache layouts, views, the resampling of
+unequal lengths to ``TrainConfig.steps``, and features held in memory or streamed from the caches
+beyond ``TrainConfig.memory_gb``: pipeline/streams.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.datasets import read_manifest
 from pipeline.engine import (
+    Rows,
     fit,
     out_of_fold,
     predict,
@@ -59,18 +61,16 @@ class Trained:
     log: dict[str, Any] = field(default_factory=dict)
 
 
-def _split_arrays(
+def _split_rows(
     feats: Features, parts: Mapping[str, list]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """{subset: videos} -> (x, y, groups) per subset: x (R, T, D) or (R, T, C, H, W) float32,
-    one row per view (per video without a view axis); y (N,) the video labels; groups (R,) the
-    index of each row's video, so that per-view scores can be averaged back to videos."""
-    n_views = {p: [len(feats.videos[v.video_id]) for v in vs] for p, vs in parts.items()}
-    groups = {p: np.repeat(np.arange(len(vs)), n_views[p]) for p, vs in parts.items()}
-    x = {
-        p: np.stack([r for v in vs for r in feats.videos[v.video_id]]).astype(np.float32)
-        for p, vs in parts.items()
-    }
+) -> tuple[dict[str, Rows], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """{subset: videos} -> (x, y, groups) per subset: x Rows (R, T, D) or (R, T, C, H, W) in
+    the stored dtype (held in memory or streamed from the caches), one row per view (per video
+    without a view axis); y (N,) the video labels; groups (R,) the index of each row's video,
+    so that per-view scores can be averaged back to videos."""
+    counts = {p: [feats.view_count(v.video_id) for v in vs] for p, vs in parts.items()}
+    groups = {p: np.repeat(np.arange(len(vs)), counts[p]) for p, vs in parts.items()}
+    x = {p: feats.rows([v.video_id for v in vs]) for p, vs in parts.items()}
     y = {p: np.array([v.label for v in vs]) for p, vs in parts.items()}
     return x, y, groups
 
@@ -101,21 +101,24 @@ def train_splits(
         return build_head(head, in_dim=in_dim, num_classes=num_classes, **model_kwargs)
 
     out = Trained(log={"head": head, "stream": stream, "features": feats.backbones, "splits": {}})
-    if feats.steps is not None:
-        out.log["steps"] = feats.steps
+    # the T of every sequence (train.steps), recorded always: a head's results depend on it
+    out.log["steps"] = feats.steps
+    if feats.resampled:
+        out.log["resampled"] = True  # some cached lengths differed and sigma(t) changed them
     if any(layout != "(T, D)" for layout in feats.layouts):
         out.log["layouts"] = feats.layouts
     tables = []
+    have = set(feats.ids())
     for split in manifest.split_names:
         parts = {
-            p: [v for v in manifest.subset(split, p) if v.video_id in feats.videos]
+            p: [v for v in manifest.subset(split, p) if v.video_id in have]
             for p in ("train", "test")
         }
         if not parts["train"] or not parts["test"]:
             raise TrainError(
                 f"split {split} has {len(parts['train'])} train and {len(parts['test'])} test videos with features"
             )
-        x, y, groups = _split_arrays(feats, parts)
+        x, y, groups = _split_rows(feats, parts)
         y_rows = {p: y[p][groups[p]] for p in parts}
         t0 = time.perf_counter()
         seed_everything(cfg.seed)
@@ -216,8 +219,11 @@ def train_head(
         list(features), stream.split("+"), None if expected is None else list(expected)
     )
     check_head(head, split_head_params(head_params)[1], streams)
-    feats = load_features(streams, [v.video_id for v in m.videos], steps=cfg.steps)
-    missing = [v.video_id for v in m.videos if v.video_id not in feats.videos]
+    feats = load_features(
+        streams, [v.video_id for v in m.videos], steps=cfg.steps, memory_gb=cfg.memory_gb
+    )
+    have = set(feats.ids())
+    missing = [v.video_id for v in m.videos if v.video_id not in have]
     if missing:
         log.warning(
             "%d of %d manifest videos have no %s features (failed upstream); left out",

@@ -4,8 +4,9 @@ Writes per-video softmax scores (test videos, and out-of-fold scores for trainin
 the trained weights. Reads only its head's params section and the `train` section (and, with
 --params-check, the `features.<stream>` sections the caches must have been written with).
 
-The protocol: pipeline/training.py; cache layouts, views, and the resampling of unequal
-lengths to `train.steps`: pipeline/streams.py."""
+The protocol: pipeline/training.py; cache layouts, views, the resampling of unequal lengths
+to `train.steps` (25 by default), and features streamed from the caches when they exceed
+`train.memory_gb`: pipeline/streams.py."""
 
 from __future__ import annotations
 

@@ -76,3 +76,15 @@ def test_a_rewritten_video_overrides_the_compacted_one(cache_path: Path, backend
         np.testing.assert_array_equal(c.read("b"), new)
         assert c.meta("b") == {"source": "sha-b2"}
         assert c.up_to_date({"a": "sha-a", "b": "sha-b", "c": "sha-c"}) == {"a", "c"}
+
+
+def test_shape_gives_each_entry_as_written_without_reading_it(tmp_path: Path) -> None:
+    arrays = {"a": np.zeros((3, 4), np.float16), "b": np.ones((2, 5, 6), np.uint8)}
+    with open_cache(tmp_path / "c", "w", videos_per_pack=1) as c:
+        for vid, a in arrays.items():
+            c.write(vid, a, {})
+    with open_cache(tmp_path / "c", "r") as c:
+        for vid, a in arrays.items():
+            assert c.shape(vid) == (a.shape, a.dtype)
+        with pytest.raises(CacheError, match="no entry for video 'x'"):
+            c.shape("x")

@@ -117,12 +117,16 @@ def _spy_on_fit_and_predict(
     scored: list[set[int]] = []
     real_fit, real_predict = engine.fit, engine.predict
 
+    def tags(xs: np.ndarray | engine.Rows) -> set[int]:
+        rows = engine.as_rows(xs)  # a fold's rows are an index over x, not a copy
+        return set(rows.take(np.arange(len(rows)))[:, 0, 0].astype(int).tolist())
+
     def spy_fit(model, xs, ys, s, **kw):  # noqa: ANN001, ANN202
-        fitted.append(set(xs[:, 0, 0].astype(int).tolist()))
+        fitted.append(tags(xs))
         return real_fit(model, xs, ys, s, **kw)
 
     def spy_predict(model, xs, **kw):  # noqa: ANN001, ANN202
-        scored.append(set(xs[:, 0, 0].astype(int).tolist()))
+        scored.append(tags(xs))
         return real_predict(model, xs, **kw)
 
     monkeypatch.setattr(engine, "fit", spy_fit)

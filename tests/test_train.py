@@ -80,10 +80,15 @@ def _steps_tagged(lengths: dict[str, int], d: int = 4) -> dict[str, np.ndarray]:
     return out
 
 
-def _load(dirs: list[Path], names: str = "rgb", steps: int | None = None) -> streams.Features:
+def _load(
+    dirs: list[Path],
+    names: str = "rgb",
+    steps: int | str = "auto",
+    memory_gb: float | None = None,
+) -> streams.Features:
     opened = streams.open_streams(dirs, names.split("+"))
     ids = sorted(set.intersection(*(set(s.cache.keys()) for s in opened)))
-    return streams.load_features(opened, ids, steps=steps)
+    return streams.load_features(opened, ids, steps=steps, memory_gb=memory_gb)
 
 
 # -- item 1: sequences of unequal length ------------------------------------------------------
@@ -94,8 +99,8 @@ def test_unequal_lengths_are_resampled_to_the_shortest_by_sigma(
 ) -> None:
     d = _cache(tmp_path / "rgb", _steps_tagged({"a": 5, "b": 9, "c": 7}))
     with caplog.at_level(logging.INFO, logger="pipeline.streams"):
-        f = _load([d])
-    assert f.steps == 5
+        f = _load([d], steps="shortest")
+    assert f.steps == 5 and f.resampled
     assert {v: x[0].shape for v, x in f.videos.items()} == {"a": (5, 4), "b": (5, 4), "c": (5, 4)}
     # sigma(t) = 1 + floor((t - 1)(K - 1) / (T - 1)), 0-based: K = 9, T = 5 -> 0, 2, 4, 6, 8
     assert f.videos["b"][0][:, 0].tolist() == [0, 2, 4, 6, 8]
@@ -120,8 +125,8 @@ def test_steps_given_brings_every_video_to_that_many_repeating_for_short_ones(
 def test_equal_lengths_without_steps_stay_as_cached(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {v: rng.normal(size=(6, 4)).astype(np.float16) for v in "ab"}
-    f = _load([_cache(tmp_path / "rgb", arrays)])
-    assert f.steps is None
+    f = _load([_cache(tmp_path / "rgb", arrays)])  # steps: auto
+    assert f.steps == 6 and not f.resampled
     for v, a in arrays.items():
         np.testing.assert_array_equal(f.videos[v][0], a)
 
@@ -139,7 +144,7 @@ def test_joint_streams_of_k_and_k_minus_1_clips_are_each_resampled_then_concaten
         rgb[vid][:, 1:] = rng.normal(size=(lengths[vid], 3)) + 2 * label
         flow[vid][:, 1:] = rng.normal(size=(lengths[vid] - 1, 3)) - 2 * label
     dirs = [_cache(tmp_path / "rgb", rgb), _cache(tmp_path / "flow", flow)]
-    f = _load(dirs, "rgb+flow")
+    f = _load(dirs, "rgb+flow", steps="shortest")
     assert f.steps == 5 and f.dims == [4, 4]  # the shortest: flow of a K = 6 video
     x = f.videos["c0_v02"][0]  # K = 8 rgb, 7 flow
     assert x.shape == (5, 8)
@@ -151,7 +156,7 @@ def test_joint_streams_of_k_and_k_minus_1_clips_are_each_resampled_then_concaten
         "mean_pool",
         "rgb+flow",
         head_params={"epochs": 2, "batch_size": 4},
-        cfg=TrainConfig(oof_folds=2, threads=1),
+        cfg=TrainConfig(oof_folds=2, threads=1, steps="shortest"),
         features=dirs,
         manifest=manifest,
         out=out,
@@ -189,7 +194,7 @@ def test_views_train_one_sample_per_view_and_score_each_video_by_its_views_mean(
         "mean_pool",
         "rgb",
         head_params=hp,
-        cfg=TrainConfig(oof_folds=2, threads=1),
+        cfg=TrainConfig(oof_folds=2, threads=1, steps="shortest"),
         features=[d],
         manifest=manifest,
         out=out,

@@ -65,7 +65,7 @@ def _features(m: Manifest, *, views: bool = False, seed: int = 0) -> Features:
         backbones=["synthetic"],
         views=views,
         maps=False,
-        steps=None,
+        steps=5,
         layouts=["(V, T, D)" if views else "(T, D)"],
     )
 
@@ -100,7 +100,8 @@ def test_every_split_gives_weights_and_one_score_row_per_train_and_test_video() 
         assert t.log["splits"][split]["train_videos"] == 8
         assert t.log["splits"][split]["test_videos"] == 4
     assert t.log["head"] == "mean_pool" and t.log["features"] == ["synthetic"]
-    assert "layouts" not in t.log and "steps" not in t.log  # the defaults are not logged
+    assert "layouts" not in t.log and "resampled" not in t.log  # the defaults are not logged
+    assert t.log["steps"] == 5  # the T used is recorded always
     # the log holds no wall-clock time: it is part of a DVC output (tests/test_reproducible.py)
     assert not any("second" in k or "time" in k for k in t.log["splits"]["1"])
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.cache.files import ident, remove
 from pipeline.cache.layout import (
     DOC,
@@ -259,6 +261,14 @@ class CacheIndex:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
+
+    def shape(self, video_id: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of the video's array as written, from the index: nothing is read, so
+        a trainer can size a cache of many GB before deciding how to read it."""
+        if video_id not in self:
+            raise CacheError(f"{self.root}: no entry for video '{video_id}'")
+        entry = self._index[video_id][1]
+        return tuple(int(n) for n in entry["shape"]), np.dtype(entry["dtype"])
 
     def meta(self, video_id: str) -> dict[str, Any]:
         """The meta dict given to ``write`` (after a JSON round trip)."""

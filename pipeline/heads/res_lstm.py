@@ -4,6 +4,7 @@ x_t^l = m_t^l + x_t^{l-1} between layers (eq. 1), softmax on m_T^L at the last s
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -16,25 +17,43 @@ log = logging.getLogger(__name__)
 PROJECTIONS = ("pca", "learned")
 
 
-def pca_components(x: Tensor, k: int, *, chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    """x: (N, D) -> (mean (D,), components (D, k)), the top-k principal directions as columns.
+def pca_components(
+    x: Tensor | Iterable[Tensor], k: int, *, chunk: int = 65536
+) -> tuple[Tensor, Tensor]:
+    """x: (N, D), or batches (N_i, ..., D) that together are the N rows -> (mean (D,),
+    components (D, k)), the top-k principal directions as columns.
 
-    The covariance is accumulated in float64 over row chunks, so a whole UCF101 training set
-    (~240k frames) needs no centred copy. k > D pads with zero columns (no direction left). The
-    sign of each column is fixed (largest-magnitude entry positive) so a refit is reproducible."""
-    n, d = x.shape
-    mean = x.mean(dim=0, dtype=torch.float64)
-    cov = torch.zeros(d, d, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        c = x[i : i + chunk].to(torch.float64) - mean
-        cov += c.T @ c
-    evals, evecs = torch.linalg.eigh(cov / max(n - 1, 1))  # ascending eigenvalues
+    One pass in float64: the sum and the cross-product of the rows shifted by the first
+    batch's mean (shifted, so that a large common offset does not cancel catastrophically), so
+    features streamed in batches get the same PCA as a tensor of all of them (to float64
+    rounding), with no centred copy. k > D pads with zero columns (no direction left). The sign
+    of each column is fixed (largest-magnitude entry positive) so a refit is reproducible."""
+    batches = [x] if isinstance(x, Tensor) else x
+    n, shift, total, cross = 0, None, None, None
+    for batch in batches:
+        flat = batch.reshape(-1, batch.shape[-1])
+        for i in range(0, len(flat), chunk):
+            c = flat[i : i + chunk].to(torch.float64)
+            if shift is None:
+                shift = c.mean(dim=0)
+                total = torch.zeros_like(shift)
+                cross = torch.zeros(len(shift), len(shift), dtype=torch.float64)
+            c = c - shift
+            total += c.sum(dim=0)
+            cross += c.T @ c
+            n += len(c)
+    if shift is None or total is None or cross is None:
+        raise ValueError("res_lstm: PCA needs at least one training row, got none")
+    d = len(shift)
+    mean = total / n
+    cov = (cross - n * torch.outer(mean, mean)) / max(n - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
     evecs = evecs.flip(-1)[:, : min(k, d)]
     pivot = evecs.abs().argmax(dim=0)
     evecs = evecs * evecs[pivot, torch.arange(evecs.shape[1])].sign()
     comps = torch.zeros(d, k, dtype=torch.float64)
     comps[:, : evecs.shape[1]] = evecs
-    return mean.float(), comps.float()
+    return (shift + mean).float(), comps.float()
 
 
 @register_head("res_lstm")
@@ -101,11 +120,12 @@ class ResLSTM(nn.Module):
         self._warned = False
 
     @torch.no_grad()
-    def prepare(self, x: Tensor) -> None:
-        """x: (N, T, D), every training video: fits the PCA map (projection="pca" only)."""
+    def prepare(self, x: Tensor | Iterable[Tensor]) -> None:
+        """x: (N, T, D), every training video, or batches (B, T, D) of them (streamed from the
+        cache): fits the PCA map on every frame (projection="pca" only)."""
         if self.projection != "pca":
             return
-        mean, comps = pca_components(x.reshape(-1, x.shape[-1]), self.pca_components.shape[1])
+        mean, comps = pca_components(x, self.pca_components.shape[1])
         self.pca_mean.copy_(mean)
         self.pca_components.copy_(comps)
         self.pca_fitted.fill_(True)
