@@ -421,8 +421,11 @@ class FusionConfig(_Checked):
 @dataclass(frozen=True)
 class EvaluateConfig(_Checked):
     confusion: str = "best"  # "best" or "<head>/<fusion>" or "<head>/<stream>"
-    # Named groups of classes, each a list of class-name prefixes; metrics.json and results.md
-    # report the mean per-class accuracy of every group (the demo: motion/order/appearance-only).
+    # The user's named groups of classes, each a list of class-name prefixes; metrics.json and
+    # results.md report the mean per-class accuracy of every group. Empty by default: a group
+    # belongs to one dataset's class names, and this section applies to every dataset. The demo
+    # declares its own groups (pipeline/demo.py class_groups); a group that matches no class is
+    # left out of the report with a warning (pipeline/report.py class_groups).
     class_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def _rules(self) -> Iterator[tuple[str, str]]:

@@ -21,12 +21,16 @@ give away the class to a model that ignores order.
 Backgrounds are static random textures chosen by (group, clip) and never by class, so every
 background appears in every class and cannot give a class away. The train/test split keeps
 groups apart (like UCF101's gXX groups): test videos are seen on unseen backgrounds.
+
+The three pair families are the demo's class groups in the evaluate report (``class_groups``):
+the demo declares them itself, so params.yaml carries no demo-only setting.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -52,6 +56,20 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 def family(class_name: str) -> str:
     """The cue that separates a demo class from its twin: motion-only, order-only, appearance-only."""
     return FAMILIES[class_name.split("_", 1)[0]]
+
+
+def class_groups(classes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The demo's class groups for the evaluate report, {family: (class-name prefix,)} in
+    FAMILIES order, when ``classes`` are the demo's classes (CLASSES, in order); {} otherwise.
+
+    The demo declares its groups here, beside the classes they group, rather than in
+    params.yaml: a setting in params.yaml applies to every dataset, and these prefixes name no
+    class of UCF101, HMDB51 or the user's own data. The evaluate stage recognises the demo by
+    the class names of the manifest it already reads, so it needs no new input or setting.
+    """
+    if tuple(classes) != CLASSES:
+        return {}
+    return {fam: (f"{prefix}_",) for prefix, fam in FAMILIES.items()}
 
 
 def _at_luma(rgb: tuple[int, int, int], luma: float) -> np.ndarray:

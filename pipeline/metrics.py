@@ -161,3 +161,37 @@ def mean_over_splits(per_split: Mapping[str, Accuracy]) -> Accuracy:
         mean_class=float(np.mean([a.mean_class for a in accs])),
         n=int(sum(a.n for a in accs)),
     )
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The sample standard deviation over splits of each fraction of an ``Accuracy``."""
+
+    top1: float
+    top5: float
+    mean_class: float
+
+
+def std_over_splits(per_split: Mapping[str, Accuracy]) -> Spread | None:
+    """{split: Accuracy} -> the **sample** standard deviation (ddof = 1, divisor k - 1 for k
+    splits) of top1, top5 and mean_class over the splits; None for a single split, whose sample
+    std is undefined (0 would claim a spread was measured).
+
+    Sample, not population, std: the three official UCF101 / HMDB51 splits are a sample of the
+    ways the data could have been split, and the papers' "mean +- std over the 3 splits" is
+    the sample std (numpy.std(ddof=1)); the population std of 3 values is sqrt(2/3) = 0.82 of it.
+    """
+    if not per_split:
+        raise ValueError("std_over_splits: no splits given")
+    accs = list(per_split.values())
+    if len(accs) == 1:
+        return None
+
+    def std(values: list[float]) -> float:
+        return float(np.std(values, ddof=1))
+
+    return Spread(
+        top1=std([a.top1 for a in accs]),
+        top5=std([a.top5 for a in accs]),
+        mean_class=std([a.mean_class for a in accs]),
+    )

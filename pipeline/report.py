@@ -4,7 +4,14 @@ splits for every head x stream and every fusion (metrics.json), per-class accura
 as a DVC plot (confusion.csv: actual/predicted class names) and a PNG (confusion.png).
 
 Every score table is read on its test rows only; a model's numbers over several splits are the
-mean of its per-split numbers (the protocol of UCF101 and HMDB51's three splits).
+mean of its per-split numbers and their sample standard deviation (ddof = 1; ``std`` is null for
+a single split), the "mean +- std over the three splits" of UCF101 and HMDB51 papers.
+
+Class groups (the mean per-class accuracy of named groups of classes) are optional. The demo
+dataset declares its own (pipeline/demo.py ``class_groups``, found from the manifest's class
+names); ``evaluate.class_groups`` in params.yaml adds the user's own and is empty as shipped. A
+group that matches no class of the dataset is left out of the report with a warning naming it,
+and a line under results.md's table says so.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ import numpy as np
 
 from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.datasets import read_manifest
+from pipeline.demo import class_groups as demo_class_groups
 from pipeline.metrics import (
     accuracy,
     confusion,
     mean_over_splits,
     per_class_accuracy,
     plot_confusion,
+    std_over_splits,
 )
 from pipeline.scores import ScoreTable, load_score_dir
 
@@ -34,8 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
-    """Scores and settings that give no report (no model, a class group or a confusion model
-    that names nothing there); names what is missing."""
+    """Scores and settings that give no report (no model, or a confusion model that names
+    nothing there); names what is missing."""
 
 
 def _rounded(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,47 +54,94 @@ def _rounded(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def summary(table: ScoreTable, num_classes: int) -> dict[str, Any]:
     """A model's test accuracy -> {top1, top5, mean_class, n (mean over splits, n summed),
-    "splits": {split: the same for that split}}, fractions rounded to 4 decimals.
-    table.scores: (N, C) with C == num_classes."""
+    "std": {top1, top5, mean_class} (sample std over splits, ddof = 1) or None for one split,
+    "splits": {split: {top1, top5, mean_class, n} of that split}}, fractions rounded to 4
+    decimals (the std from the unrounded per-split values). table.scores: (N, C), C ==
+    num_classes."""
     per_split = {}
     for split in table.splits():
         t = table.select(split=split, subset="test")
         per_split[split] = accuracy(t.scores, t.label, num_classes=num_classes)
     mean = mean_over_splits(per_split)
+    spread = std_over_splits(per_split)
     return {
         **_rounded(asdict(mean)),
+        "std": None if spread is None else _rounded(asdict(spread)),
         "splits": {s: _rounded(asdict(a)) for s, a in per_split.items()},
     }
 
 
-def class_groups(
-    classes: tuple[str, ...], spec: Mapping[str, tuple[str, ...]]
-) -> dict[str, list[int]]:
-    """{group: indices of the classes whose name starts with one of its prefixes}; a group that
-    matches no class is a ReportError (a typo would otherwise report NaN quietly)."""
-    out = {}
+@dataclass(frozen=True)
+class ClassGroups:
+    """Class groups resolved against a dataset's classes.
+
+    indices: {group: indices into the classes of the classes whose name starts with one of the
+    group's prefixes}, groups that match at least one class only. unmatched: {group: its
+    prefixes} of the groups that match no class (left out of the report, with a warning).
+    """
+
+    indices: dict[str, list[int]]
+    unmatched: dict[str, tuple[str, ...]]
+
+
+def class_groups(classes: tuple[str, ...], spec: Mapping[str, tuple[str, ...]]) -> ClassGroups:
+    """The groups of ``spec`` ({group: class-name prefixes}) found among ``classes``.
+
+    A group that matches no class is left out with one warning naming it and its prefixes, not
+    an error: the same params.yaml may be run on several datasets (`dvc exp run -S
+    dataset.name=hmdb51`), and a crash after hours of training for a report column is the wrong
+    trade. It is never dropped silently either (a misspelt prefix would look like "no such
+    group"): the warning, and a line under results.md's table, name it.
+    """
+    indices, unmatched = {}, {}
     for group, prefixes in spec.items():
         idx = [i for i, c in enumerate(classes) if c.startswith(tuple(prefixes))]
-        if not idx:
-            raise ReportError(
-                f"params.yaml: evaluate.class_groups.{group} {list(prefixes)} matches no class"
+        if idx:
+            indices[group] = idx
+        else:
+            unmatched[group] = tuple(prefixes)
+            log.warning(
+                "evaluate.class_groups.%s %s matches no class of this dataset (%d classes, "
+                "e.g. %s): left out of the report",
+                group,
+                list(prefixes),
+                len(classes),
+                ", ".join(classes[:3]),
             )
-        out[group] = idx
-    return out
+    return ClassGroups(indices, unmatched)
 
 
-def results_table(metrics: Mapping[str, Any], groups: Mapping[str, list[int]]) -> str:
+def _cell(acc: Mapping[str, Any], key: str) -> str:
+    std = acc.get("std")
+    return f"{acc[key]:.3f}" if std is None else f"{acc[key]:.3f} ± {std[key]:.3f}"
+
+
+def results_table(
+    metrics: Mapping[str, Any],
+    groups: Mapping[str, list[int]],
+    unmatched: Mapping[str, tuple[str, ...]] | None = None,
+) -> str:
     """A Markdown table: one row per head and stream or fusion, top-1 and mean-class accuracy
-    (mean over splits) and the mean per-class accuracy of every class group."""
+    (mean over splits, "mean ± sample std" when more than one split was run) and the mean
+    per-class accuracy of every class group; then a line per ``unmatched`` group."""
     cols = ["top-1", "mean class", *groups]
     lines = ["| head | input | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    several = False
     for kind in ("streams", "fusion"):
         for head in sorted(metrics[kind]):
             for name, acc in sorted(metrics[kind][head].items()):
+                several |= acc.get("std") is not None
                 label = name if kind == "streams" else f"fused: {name}"
-                cells = [f"{acc['top1']:.3f}", f"{acc['mean_class']:.3f}"]
+                cells = [_cell(acc, "top1"), _cell(acc, "mean_class")]
                 cells += [f"{metrics['class_groups'][f'{head}/{name}'][g]:.3f}" for g in groups]
                 lines.append(f"| {head} | {label} | " + " | ".join(cells) + " |")
+    if several:
+        lines += ["", "Accuracies: mean ± sample standard deviation (ddof = 1) over the splits."]
+    for group, prefixes in (unmatched or {}).items():
+        lines += [
+            "",
+            f"Class group `{group}` {list(prefixes)} matches no class of this dataset: left out.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +156,7 @@ class Report:
 
     metrics: dict[str, Any]
     per_class: dict[str, np.ndarray]
-    groups: dict[str, list[int]]
+    groups: ClassGroups
     chosen: str
     true: np.ndarray
     pred: np.ndarray
@@ -115,7 +171,8 @@ def build_report(
 ) -> Report:
     """Score tables {"<head>/<stream>": table} and {"<head>/<fusion>": table}, scores (N, C)
     with C = len(classes) -> Report. ``cfg.confusion`` "best" picks the fusion (or, without
-    fusions, the model) with the highest mean top-1, ties to the first name in sorted order."""
+    fusions, the model) with the highest mean top-1, ties to the first name in sorted order.
+    Class groups: the demo's own when ``classes`` are the demo's, plus ``cfg.class_groups``."""
     c = len(classes)
     models = {**streams, **fusions}
     if not models:
@@ -142,11 +199,13 @@ def build_report(
                 f"params.yaml: evaluate.confusion '{chosen}' is not one of {sorted(models)}"
             )
     metrics["confusion_of"] = chosen
-    groups = class_groups(classes, cfg.class_groups)
-    if groups:
+    # The dataset's own groups (the demo's), then the user's; a user group of the same name wins.
+    groups = class_groups(classes, {**demo_class_groups(classes), **cfg.class_groups})
+    if groups.indices:
         metrics["class_groups"] = {
             name: {
-                g: round(float(np.nanmean(per_class[name][idx])), 4) for g, idx in groups.items()
+                g: round(float(np.nanmean(per_class[name][idx])), 4)
+                for g, idx in groups.indices.items()
             }
             for name in sorted(per_class)
         }
@@ -165,7 +224,8 @@ def build_report(
 def write_report(report: Report, classes: tuple[str, ...], out: Path) -> None:
     """``out``/results.md, metrics.json, per_class.csv, confusion.csv and confusion.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(results_table(report.metrics, report.groups), encoding="utf-8")
+    table = results_table(report.metrics, report.groups.indices, report.groups.unmatched)
+    (out / "results.md").write_text(table, encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(report.metrics, indent=1))
 
     names = sorted(report.per_class)

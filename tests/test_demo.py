@@ -20,6 +20,7 @@ from pipeline.demo import (
     ORANGE,
     RED,
     TAIL,
+    class_groups,
     family,
     generate_demo,
     render,
@@ -182,3 +183,19 @@ def test_family(name: str, expected: str) -> None:
 def test_demo_rejects_a_count_that_is_not_whole_groups(tmp_path: Path, per_class: int) -> None:
     with pytest.raises(ValueError, match="multiple of 4"):
         generate_demo(tmp_path, DemoConfig(videos_per_class=per_class, frames=8, size=16))
+
+
+def test_the_demo_declares_its_class_groups_for_its_own_classes_only() -> None:
+    groups = class_groups(CLASSES)
+    # the README table's column order: motion-only, order-only, appearance-only
+    assert groups == {
+        "motion-only": ("motion_",),
+        "order-only": ("order_",),
+        "appearance-only": ("look_",),
+    }
+    for name, (prefix,) in groups.items():  # each group is exactly the family's classes
+        assert {c for c in CLASSES if c.startswith(prefix)} == {
+            c for c in CLASSES if family(c) == name
+        }
+    assert class_groups(("ApplyEyeMakeup", "ApplyLipstick")) == {}
+    assert class_groups(CLASSES[:-1]) == {}  # five of the six classes: not the demo

@@ -12,6 +12,7 @@ from pipeline.metrics import (
     normalise_rows,
     per_class_accuracy,
     plot_confusion,
+    std_over_splits,
 )
 
 # 4 classes, class 3 never occurs in the labels (but is predicted once).
@@ -101,6 +102,30 @@ def test_mean_over_splits() -> None:
     assert mean.n == 150
     with pytest.raises(ValueError):
         mean_over_splits({})
+
+
+def test_std_over_three_splits_is_the_sample_std_by_hand() -> None:
+    per_split = {
+        "1": Accuracy(top1=0.80, top5=0.95, mean_class=0.70, n=3783),
+        "2": Accuracy(top1=0.85, top5=0.95, mean_class=0.75, n=3734),
+        "3": Accuracy(top1=0.84, top5=0.98, mean_class=0.80, n=3696),
+    }
+    spread = std_over_splits(per_split)
+    assert spread is not None
+    # top-1: mean 0.83; deviations -0.03, 0.02, 0.01 -> (0.0009 + 0.0004 + 0.0001) / (3 - 1)
+    # = 0.0007 -> sqrt 0.026458 (population: / 3 -> 0.021602)
+    assert spread.top1 == pytest.approx(0.0264575, abs=1e-7)
+    # top-5: mean 0.96; deviations -0.01, -0.01, 0.02 -> 0.0006 / 2 = 0.0003 -> 0.017321
+    assert spread.top5 == pytest.approx(0.0173205, abs=1e-7)
+    # mean class: 0.70, 0.75, 0.80 -> 0.05
+    assert spread.mean_class == pytest.approx(0.05)
+    assert mean_over_splits(per_split).top1 == pytest.approx(0.83)
+
+
+def test_std_over_one_split_is_none_and_over_none_an_error() -> None:
+    assert std_over_splits({"1": Accuracy(top1=0.5, top5=1.0, mean_class=0.5, n=4)}) is None
+    with pytest.raises(ValueError, match="no splits"):
+        std_over_splits({})
 
 
 def test_plot_confusion_writes_readable_png(tmp_path: Path) -> None:
