@@ -38,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pipeline.runner import map_videos
+from pipeline.runner import Counts, map_videos
 
 if TYPE_CHECKING:  # the distributed module imports torch: spawned pool workers stay light
     from pipeline.world import World
@@ -217,6 +217,12 @@ class Journaled(Generic[T]):
     Entry (in the order given), on another rank the items of its own share."""
 
     entries: list[tuple[T, Entry]]
+
+    def counts(self) -> Counts:
+        """This rank's counts, for a rank other than 0 (rank 0 writes the outputs and counts
+        through runner.finish)."""
+        failed = sum(e.error is not None for _, e in self.entries)
+        return Counts(done=len(self.entries) - failed, skipped=0, failed=failed)
 
 
 def journaled_map(

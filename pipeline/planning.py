@@ -116,8 +116,7 @@ def plan_videos(
         desc="decode",
     )
     if candidates is None:  # not rank 0: its share is journaled, rank 0 writes the plan
-        failed = sum(e.error is not None for _, e in run.entries)
-        return Counts(done=len(run.entries) - failed, skipped=0, failed=failed)
+        return run.counts()
     planned, failures, resumed = {}, [], 0
     for pv, entry in run.entries:
         if entry.error is not None:

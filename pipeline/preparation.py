@@ -176,8 +176,7 @@ def prepare_dataset(cfg: DatasetConfig, *, out: Path, world: World) -> Counts:
         desc="probe",
     )
     if listing is None:  # not rank 0: its share is journaled, rank 0 writes the outputs
-        failed = sum(e.error is not None for _, e in run.entries)
-        return Counts(done=len(run.entries) - failed, skipped=0, failed=failed)
+        return run.counts()
     # One failure per id left out, its reason naming every row that gave it.
     failures = [
         Failure(r.video_id, datasets.shown(r.paths[0]), "prepare", r.reason)
