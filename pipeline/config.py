@@ -98,8 +98,10 @@ FeatureOutput = Literal["pooled", "taps", "maps"]
 Crops = Literal["centre", "ten_mean", "ten_axis"]
 FeatureSampling = Literal["points", "clips"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
-FusionMethod = Literal["sum", "product", "weighted", "svm"]
-Optimizer = Literal["adam", "rmsprop", "sgd"]
+FusionMethod = Literal["sum", "product", "weighted", "svm", "learned"]
+LearnKind = Literal["weighted", "product", "svm"]  # the learned fusion's candidates
+Optimizer = Literal["adam", "adamw", "sgd", "rmsprop", "adadelta"]
+Schedule = Literal["constant", "step", "multistep", "cosine"]
 
 
 @cache
@@ -386,16 +388,27 @@ class TrainConfig(_Checked):
 
 
 # The training settings a heads.<name> section holds beside its head's constructor arguments,
-# with their allowed values: the fields of pipeline.engine.TrainSettings (tests/test_config.py
-# checks that they agree). Not that dataclass itself: pipeline.engine imports torch, and this
-# module is imported by every stage.
+# with their allowed values: the fields of pipeline.optim.TrainSettings (tests/test_config.py
+# checks that they agree). Not that dataclass itself: pipeline.optim imports torch, and this
+# module is imported by every stage. The rules between them (a schedule's required keys,
+# nesterov only with sgd) are TrainSettings', checked when the train stage splits its section.
 HEAD_TRAINING: dict[str, Any] = {
     "optimizer": Optimizer,
     "lr": Positive,
     "weight_decay": NonNegative,
+    "momentum": Annotated[float, Range(ge=0, lt=1)] | None,  # sgd, rmsprop
+    "nesterov": bool,  # sgd
+    "rho": Annotated[float, Range(ge=0, le=1)] | None,  # adadelta
     "epochs": Count,
     "batch_size": Count,
     "grad_clip": NonNegative,  # 0 = no clipping
+    "schedule": Schedule,
+    "step_size": Count | None,  # step
+    "gamma": Annotated[float, Range(gt=0, le=1)] | None,  # step, multistep
+    "milestones": tuple[Count, ...] | None,  # multistep
+    "min_lr": NonNegative | None,  # cosine
+    "warmup_epochs": Annotated[int, Range(ge=0)],
+    "group_lr": dict[str, Positive],  # {a group of the head's param_groups(): its lr}
     "pretrain_epochs": Annotated[int, Range(ge=0)],
     "pretrain_lr": Positive | None,  # None = lr
 }
@@ -404,11 +417,18 @@ HEAD_TRAINING: dict[str, Any] = {
 @dataclass(frozen=True)
 class FusionConfig(_Checked):
     streams: tuple[Stream, ...] = ("rgb", "flow")  # the per-stream scores that are fused
-    methods: tuple[FusionMethod, ...] = ("sum", "product", "weighted", "svm")
+    methods: tuple[FusionMethod, ...] = ("sum", "product", "weighted", "svm", "learned")
     weights: dict[str, NonNegative] = field(default_factory=lambda: {"rgb": 1.0, "flow": 1.5})
     svm_c: tuple[Positive, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     svm_folds: Annotated[int, Range(ge=2)] = 3
     seed: int = 0
+    # learned: stream weights on a grid of this step over the simplex (0.1: 11 for two streams,
+    # the single streams among them), or the SVM, chosen by cross-validated top-1 on the
+    # training videos' out-of-fold scores (pipeline/fusion_learn.py)
+    learn_step: Annotated[float, Range(gt=0, le=1)] = 0.1
+    learn_kinds: tuple[LearnKind, ...] = ("weighted", "product", "svm")
+    # processes for the SVM's cross-validation fits (C x fold); the results do not depend on it
+    workers: Cores = 0  # 0 = every core
 
     def _rules(self) -> Iterator[tuple[str, str]]:
         missing = [s for s in self.streams if s not in self.weights]
@@ -416,6 +436,11 @@ class FusionConfig(_Checked):
             yield "weights", f"weighted fusion needs a weight for every stream; {missing} has none"
         if not self.svm_c:
             yield "svm_c", "must hold at least one C"
+        n = round(1 / self.learn_step)
+        if abs(n * self.learn_step - 1) > 1e-9:
+            yield "learn_step", f"1 / learn_step must be a whole number, got {self.learn_step}"
+        if "learned" in self.methods and not self.learn_kinds:
+            yield "learn_kinds", "the learned fusion needs at least one kind"
 
 
 @dataclass(frozen=True)

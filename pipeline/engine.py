@@ -14,6 +14,14 @@ define these optional methods, which the loops call when present:
   ``pretrain_epochs`` epochs before the supervised ones (RTSAE's autoencoder stage).
 - ``report() -> dict``: numbers about the last ``forward`` in eval mode (e.g. the fraction of
   time steps an attention gate kept); the train stage logs them.
+- ``param_groups() -> dict[str, list[nn.Parameter]]``: named groups of parameters that a
+  head's ``group_lr`` setting gives their own learning rate (MRRN's low and mid levels).
+- ``phases() -> list[Phase]``: staged training (TSRNN: the key-frame branch alone, then the
+  temporal branch with it frozen, then all): the supervised epochs run as these phases in
+  order, each with a fresh optimiser and schedule over its own parameters only.
+
+The optimiser, the learning rate of every epoch (schedules, warm-up) and the per-group rates
+come from the head's training settings: pipeline/optim.py, one implementation for every head.
 
 Training rows come as an array (N, T, ...) or as ``Rows`` (an index over rows read on demand,
 e.g. from the feature caches); either way a batch is converted to float32 only when it is used,
@@ -28,39 +36,39 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import ConfigError, InvalidValue
+from pipeline.optim import (
+    TRAINING_KEYS,
+    TrainSettings,
+    build_optimizer,
+    lr_factors,
+    optimised,
+    set_lr,
+)
 from pipeline.runner import progress
 
 log = logging.getLogger(__name__)
 
-# Keys of a head's params.yaml section that configure training, not the module.
-TRAINING_KEYS = (
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "epochs",
-    "batch_size",
-    "grad_clip",
-    "pretrain_epochs",
-    "pretrain_lr",
-)
-
 
 @dataclass(frozen=True)
-class TrainSettings:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    epochs: int = 30
-    batch_size: int = 32
-    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    pretrain_epochs: int = 0  # epochs of the head's pretrain_loss before supervised training
-    pretrain_lr: float | None = None  # None = lr
+class Phase:
+    """One stage of a staged training (a head's ``phases()``).
+
+    name: for logs; epochs: its number of epochs (None = the head's ``epochs`` setting);
+    params: the parameters it trains (every other one is left as it is);
+    loss: (x (B, T, ...), y (B,)) -> scalar, its objective."""
+
+    name: str
+    epochs: int | None
+    params: list[nn.Parameter]
+    loss: Callable[[Tensor, Tensor], Tensor]
 
 
 class Rows(Protocol):
@@ -174,27 +182,28 @@ def _prepare_batches(rows: Rows, *, max_bytes: int = 64 << 20) -> Iterator[Tenso
         yield xb
 
 
-def split_head_params(params: Mapping[str, Any]) -> tuple[TrainSettings, dict[str, Any]]:
-    """A head's params section -> (training settings, constructor kwargs)."""
+def split_head_params(
+    params: Mapping[str, Any], *, where: str | None = None
+) -> tuple[TrainSettings, dict[str, Any]]:
+    """A head's params section -> (training settings, constructor kwargs). Settings that
+    contradict each other raise ConfigError naming ``where`` and the key
+    (``params.yaml:heads.sru.step_size: ...``; None: ``TrainSettings.step_size: ...``)."""
     train = {k: params[k] for k in TRAINING_KEYS if k in params}
     model = {k: v for k, v in params.items() if k not in TRAINING_KEYS}
-    # the values were checked when params.yaml was loaded (pipeline.config.head_section)
-    return TrainSettings(**train), model
+    # each value was checked when params.yaml was loaded (pipeline.config.head_section); the
+    # rules between them are TrainSettings'
+    try:
+        return TrainSettings(**train), model
+    except InvalidValue as e:
+        if where is None:
+            raise
+        raise ConfigError(f"{where}.{e.key}: {e.reason}") from None
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _optimizer(model: nn.Module, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
-    p = [q for q in model.parameters() if q.requires_grad]
-    if s.optimizer == "adam":
-        return torch.optim.Adam(p, lr=lr, weight_decay=s.weight_decay)
-    if s.optimizer == "rmsprop":
-        return torch.optim.RMSprop(p, lr=lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=s.weight_decay)
 
 
 def head_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -205,6 +214,19 @@ def head_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
+@dataclass(frozen=True)
+class EpochLog:
+    """One epoch of ``fit``, as given to its ``on_epoch``: stage "pretrain", "train" or a phase's
+    name; epoch: 0-based within the stage; lr: the learning rate of the parameters in no
+    ``group_lr`` group that epoch (each group's rate is scaled by the same factor); loss: the
+    epoch's mean loss."""
+
+    stage: str
+    epoch: int
+    lr: float
+    loss: float
+
+
 def fit(
     model: nn.Module,
     x: np.ndarray | Rows,
@@ -213,9 +235,16 @@ def fit(
     *,
     seed: int,
     desc: str = "train",
+    on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` on x (N, T, D) (an array or Rows), y (N,) -> mean loss per epoch.
-    Deterministic for a seed, and the same for an array and Rows holding the same values."""
+    """Train ``model`` on x (N, T, D) (an array or Rows), y (N,) -> mean loss per supervised
+    epoch (over all of the head's phases, in order). Deterministic for a seed, and the same for
+    an array and Rows holding the same values.
+
+    Order: the head's ``prepare``; ``pretrain_epochs`` of its ``pretrain_loss`` (constant
+    ``pretrain_lr``, every parameter); then the supervised epochs: one phase training every
+    parameter on ``head_loss``, or the head's ``phases()``, each with a fresh optimiser and
+    schedule over its own parameters. ``on_epoch``: called after every epoch (pretraining too)."""
     seed_everything(seed)
     rows = as_rows(x)
     yt = torch.as_tensor(y, dtype=torch.long)
@@ -230,28 +259,62 @@ def fit(
     if s.pretrain_epochs and pretrain is None:
         raise ValueError(f"{type(model).__name__} has no pretrain_loss; set pretrain_epochs: 0")
     if s.pretrain_epochs:
-        opt = _optimizer(model, s, s.pretrain_lr or s.lr)
-        _epochs(
+        lr = s.pretrain_lr or s.lr
+        opt = build_optimizer(model, model.parameters(), s, lr=lr, group_lr={})
+        losses = _epochs(
             model,
             opt,
             s,
-            s.pretrain_epochs,
+            [1.0] * s.pretrain_epochs,
             gen,
             rows,
             lambda xb, idx: pretrain(xb),
             f"{desc} (pretrain)",
         )
-    opt = _optimizer(model, s, s.lr)
-    return _epochs(
-        model,
-        opt,
-        s,
-        s.epochs,
-        gen,
-        rows,
-        lambda xb, idx: head_loss(model, xb, yt[torch.from_numpy(idx)]),
-        desc,
-    )
+        _report(on_epoch, "pretrain", lr, [1.0] * s.pretrain_epochs, losses)
+    staged: Callable[[], list[Phase]] | None = getattr(model, "phases", None)
+    if staged is None:
+        phases = [Phase("train", None, list(model.parameters()), partial(head_loss, model))]
+    else:
+        phases = staged()
+    out: list[float] = []
+    for phase in phases:
+        epochs = s.epochs if phase.epochs is None else phase.epochs
+        if epochs < 0:
+            raise ValueError(f"{type(model).__name__}: phase {phase.name!r} has {epochs} epochs")
+        if epochs == 0:
+            continue
+        if not any(p.requires_grad for p in phase.params):
+            raise ValueError(
+                f"{type(model).__name__}: phase {phase.name!r} has no parameter to train"
+            )
+        opt = build_optimizer(model, phase.params, s)
+        factors = lr_factors(s, epochs)  # a fresh schedule in every phase
+        losses = _epochs(
+            model,
+            opt,
+            s,
+            factors,
+            gen,
+            rows,
+            lambda xb, idx, loss=phase.loss: loss(xb, yt[torch.from_numpy(idx)]),
+            desc if staged is None else f"{desc} ({phase.name})",
+        )
+        _report(on_epoch, phase.name, s.lr, factors, losses)
+        out += losses
+    return out
+
+
+def _report(
+    on_epoch: Callable[[EpochLog], None] | None,
+    stage: str,
+    lr: float,
+    factors: list[float],
+    losses: list[float],
+) -> None:
+    if on_epoch is not None:
+        for e, (f, loss) in enumerate(zip(factors, losses, strict=True)):
+            on_epoch(EpochLog(stage, e, lr * f, loss))
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -276,27 +339,33 @@ def _epochs(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     s: TrainSettings,
-    epochs: int,
+    factors: list[float],
     gen: torch.Generator,
     rows: Rows,
     batch_loss: Callable[[Tensor, np.ndarray], Tensor],
     desc: str,
 ) -> list[float]:
-    """Shuffled mini-batch epochs minimising ``batch_loss(x (B, T, ...), row numbers (B,))``
-    -> mean loss per epoch."""
+    """One shuffled mini-batch epoch per entry of ``factors`` (that epoch's learning-rate
+    factor, ``set_lr``) minimising ``batch_loss(x (B, T, ...), row numbers (B,))`` over the
+    parameters of ``opt`` -> mean loss per epoch."""
     losses = []
     model.train()
     n = len(rows)
     bounds = batch_bounds(n, s.batch_size)
-    for _ in progress(range(epochs), desc=desc, unit="epoch"):
+    params = optimised(opt)
+    for factor in progress(factors, desc=desc, unit="epoch"):
+        set_lr(opt, factor)
         order = torch.randperm(n, generator=gen).numpy()
         total = 0.0
         for idx, xb in iter_batches(rows, order, bounds):
-            opt.zero_grad()
+            # the model's, not only opt's: a phase's loss may reach parameters it does not
+            # train, whose gradients would otherwise pile up
+            model.zero_grad(set_to_none=True)
             loss = batch_loss(xb, idx)
             loss.backward()
             if s.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                # the norm of what this optimiser steps (a phase's parameters only)
+                nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
@@ -382,18 +451,25 @@ def out_of_fold(
     seed: int,
     num_classes: int,
     groups: np.ndarray | None = None,
+    score: Callable[[nn.Module, Rows], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Cross-fitted probabilities (N, C) for the training rows x (N, T, ...) (an array or
     Rows): each is scored by a model that did not see its video, so late fusion learned on them
     (SVM) is not fitted to over-confident scores. groups: (N,) the video of each row (views); see ``fold_assignment``.
+    score: what a fold model gives for its held-out rows, (n, ...) (None: ``predict``, (n, C);
+    e.g. per-window scores as well, from the same fold models).
     The result stays per row; ``mean_over_views`` gives per-video scores."""
     fold = fold_assignment(y, folds=folds, seed=seed, num_classes=num_classes, groups=groups)
-    probs = np.zeros((len(y), num_classes), dtype=np.float32)
+    probs = np.zeros((len(y), num_classes), dtype=np.float32) if score is None else None
     k = int(fold.max()) + 1
     rows = as_rows(x)
     for f in range(k):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         model = make()
         fit(model, rows.subset(tr), y[tr], s, seed=seed + 1 + f, desc=f"fold {f + 1}/{k}")
-        probs[te] = predict(model, rows.subset(te))
+        got = predict(model, rows.subset(te)) if score is None else score(model, rows.subset(te))
+        if probs is None:
+            probs = np.zeros((len(y), *got.shape[1:]), dtype=np.float32)
+        probs[te] = got
+    assert probs is not None  # every fold holds a row (fold_assignment)
     return probs

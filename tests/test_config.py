@@ -223,8 +223,9 @@ def test_the_train_settings_of_1e_minus_4_are_a_float(tmp_path: Path) -> None:
         ("epochs", 0, "params.yaml:heads.lstm.epochs: must be >= 1, got 0"),
         (
             "optimizer",
-            "adamw",
-            "params.yaml:heads.lstm.optimizer: unknown 'adamw' (choose from adam, rmsprop, sgd)",
+            "adamax",
+            "params.yaml:heads.lstm.optimizer: unknown 'adamax' "
+            "(choose from adam, adamw, sgd, rmsprop, adadelta)",
         ),
     ],
 )
@@ -291,7 +292,9 @@ def test_an_unknown_head_key_names_the_heads_arguments(params: dict) -> None:
         head_section(bad, "lstm", get_head_class("lstm"))
     assert str(e.value) == (
         "params.yaml:heads.lstm: unknown key 'hiden' (known: batch_size, dropout, epochs, "
-        "grad_clip, hidden, layers, lr, optimizer, pretrain_epochs, pretrain_lr, weight_decay)"
+        "gamma, grad_clip, group_lr, hidden, layers, lr, milestones, min_lr, momentum, nesterov, "
+        "optimizer, pretrain_epochs, pretrain_lr, rho, schedule, step_size, warmup_epochs, "
+        "weight_decay)"
     )
 
 
@@ -367,7 +370,7 @@ def test_values_out_of_range_are_refused(key: str, value: object, message: str) 
         ("features.rgb.taps", ["layer2", "layer5"], "features.rgb.taps[1]: unknown 'layer5' (choose from layer1, layer2, layer3, layer4)"),
         ("cache.backend", "lmdb", "cache.backend: unknown 'lmdb' (choose from zarr, hdf5)"),
         ("dataset.name", "kinetics", "dataset.name: unknown 'kinetics' (choose from demo, ucf101, hmdb51, folder, csv)"),
-        ("fusion.methods", ["sum", "avg"], "fusion.methods[1]: unknown 'avg' (choose from sum, product, weighted, svm)"),
+        ("fusion.methods", ["sum", "avg"], "fusion.methods[1]: unknown 'avg' (choose from sum, product, weighted, svm, learned)"),
         ("fusion.streams", ["rgb", "depth"], "fusion.streams[1]: unknown 'depth' (choose from rgb, flow)"),
         ("run.streams", ["rgb", "audio"], "run.streams[1]: unknown 'audio' (choose from rgb, flow)"),
         ("train.device", "gpu", "train.device: unknown 'gpu' (choose from auto, cpu, cuda)"),
@@ -474,7 +477,7 @@ def test_a_section_made_in_code_is_checked_too() -> None:
         (
             {"run.heads": ["lstm", "ts_lstm"], "run.joint_heads": ["ts_lstm"], "evaluate.confusion": "lstm/rgbb"},
             "evaluate.confusion: 'lstm/rgbb' is not a model of this run (heads: lstm, ts_lstm; "
-            "streams and fusions: rgb, flow, rgb+flow, sum, product, weighted, svm)",
+            "streams and fusions: rgb, flow, rgb+flow, sum, product, weighted, svm, learned)",
         ),
     ],
 )  # fmt: skip

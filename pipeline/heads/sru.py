@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from pipeline.heads import register_head
 
 POOLINGS = ("mean", "max")
+LEVEL_NAMES = ("low", "mid", "high")  # the order of ``levels`` (eq. 7: layer2, 3, 4)
 
 
 class SRULayer(nn.Module):
@@ -111,7 +112,8 @@ class SRUHead(nn.Module):
     - eq. 6's highway term x_t needs in_dim == hidden; where they differ (the first layer) x_t is
       projected by a fourth orthogonal block W_h, as in Lei & Zhang's SRU implementation.
     - W_jt of eqs. 8-9 is one classifier shared by all steps, so any T works.
-    - the per-level learning rates (1e-4 for low/mid, 1e-5 for high) are one lr here.
+    - the per-level learning rates (1e-4 for low/mid, 1e-5 for high) are the training settings
+      ``lr: 1.0e-5`` and ``group_lr: {low: 1.0e-4, mid: 1.0e-4}`` (``param_groups``).
     """
 
     def __init__(
@@ -155,10 +157,23 @@ class SRUHead(nn.Module):
                 raise ValueError(f"sru: level_weights must be >= 0 and sum to 1, got {weights}")
             dims = list(levels)
         self.dims = dims
+        self.single = levels is None
         self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
         self.stacks = nn.ModuleList(
             SRUStack(d, num_classes, hidden, layers, dropout, pooling) for d in dims
         )
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{level: its stack's parameters}: "low", "mid", "high" for three ``levels`` (eq. 10's
+        P_L, P_M, P_H), "level0", "level1", ... for another number; {} without ``levels`` (one
+        stack). The training setting ``group_lr`` gives a level its own learning rate (the
+        paper trains low and mid at 1e-4, high at 1e-5)."""
+        if self.single:
+            return {}
+        names = (
+            LEVEL_NAMES if len(self.stacks) == 3 else [f"level{i}" for i in range(len(self.stacks))]
+        )
+        return {n: list(s.parameters()) for n, s in zip(names, self.stacks, strict=True)}
 
     def level_logits(self, x: Tensor) -> list[Tensor]:
         """x: (B, T, D) -> one pooled-logit tensor (B, C) per level (low -> high)."""
