@@ -82,8 +82,9 @@ class MultiFlow(nn.Module):
 @register_head("temporal_inception")
 class TemporalInception(nn.Module):
     """x: (B, T, D) -> feature matrix (B, 1, T, D) -> temporal conv layers (halving T each) ->
-    1x1 conv fusion (16 -> 4 -> 2 -> 1 channels) -> max over the remaining time -> (B, 1 * D)
-    -> dropout -> FC-1024 -> BN -> ReLU -> dropout -> FC -> logits (B, num_classes).
+    max over the remaining time (B, 16, 1, D) -> 1x1 conv fusion (16 -> 4 -> 2 -> 1 channels)
+    -> (B, 1 * D) -> dropout -> FC-1024 -> BN -> ReLU -> dropout -> FC -> logits
+    (B, num_classes).
 
     TemConv(x) = H(G(F(F(F(F(x, W1), W2), W3), W4))) (section 3.3): F is one multi-flow module,
     G the 1x1 fusion and FC-1024, H the softmax (left to the loss).
@@ -112,14 +113,18 @@ class TemporalInception(nn.Module):
     direction may alter the learned spatial characteristics"); the widths (1, 2, 4, 8); the
     (4, 2, 1) fusion; FC-1024 with BN; dropout 0.2 before and after it.
 
-    Differences: the authors' time axis goes 25 -> 12 -> 6 -> 3 -> 1 (floor pooling, the last
-    module pooling by 3); here every module halves with ceil (25 -> 13 -> 7 -> 4 -> 2, no step
-    dropped, T=1 allowed) and a max over the remaining steps gives the length-1 map that G
-    expects, for any T. For the 1L / 2L rows the paper's text implies the leftover time is
-    flattened into the FC ("still leave the temporal direction to have a high dimensionality,
-    and thus result in larger numbers of parameters"); here it is max-pooled as well. Their dropout before the FC is SpatialDropout on a 1-channel
-    map (it drops a sample's whole input); here it is element-wise dropout. The VGG variants'
-    widths are not published; they reuse ``channels``.
+    Time, as in the authors' code, reaches length 1 before G: their modules go 25 -> 12 -> 6 ->
+    3 -> 1, the last one pooling by 3, so the 1x1 fusion sees one step. Here every module halves
+    with ceil (25 -> 13 -> 7 -> 4 -> 2, no step dropped, T=1 allowed; the authors' fixed pool
+    sizes fit T=25 only) and a max over the remaining steps, right after the last module and
+    before G, gives the length-1 map for any T. Where both halve alike (T=24: 24 -> 12 -> 6 ->
+    3, the ceil pool of 3 steps then the max = their pool by 3) the result is the authors'.
+    Differences: at an odd length the authors' floor pooling drops the last step (T=25 -> 12).
+    For the 1L / 2L rows the paper's text implies the leftover time is flattened into the FC
+    ("still leave the temporal direction to have a high dimensionality, and thus result in
+    larger numbers of parameters"); here it is max-pooled as well. Their dropout before the FC
+    is SpatialDropout on a 1-channel map (it drops a sample's whole input); here it is
+    element-wise dropout. The VGG variants' widths are not published; they reuse ``channels``.
     """
 
     def __init__(
@@ -196,10 +201,13 @@ class TemporalInception(nn.Module):
         )
 
     def features(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) -> fused map (B, C, T', D), before the max over time."""
-        return self.fusion(self.temporal(x.unsqueeze(1)))  # the (T x D) matrix, 1 channel
+        """x: (B, T, D) -> the last module's map (B, C, T', D), before the max over time."""
+        return self.temporal(x.unsqueeze(1))  # the (T x D) matrix, 1 channel
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> logits (B, num_classes)."""
-        h = self.features(x).amax(dim=2)  # (B, C, D): collapse the remaining steps
-        return self.classifier(h.flatten(1))  # (B, C * D)
+        # The max over the remaining steps comes before the fusion, as the authors' last module
+        # pools time to 1 step: the 1x1 convs mix channels with signed weights, so the max
+        # taken after them would give other logits (up to 2.8e-2 apart at T=24).
+        h = self.features(x).amax(dim=2, keepdim=True)  # (B, C, 1, D)
+        return self.classifier(self.fusion(h).flatten(1))  # (B, C' * D)

@@ -14,14 +14,21 @@ from pipeline.heads import register_head
 POOLINGS = ("max", "mean", "none")
 
 
-def segment_bounds(t: int, s: int) -> list[tuple[int, int]]:
-    """S contiguous, nearly equal segments of T steps -> [(start, end)] (end exclusive).
+def segment_bounds(t: int, s: int, *, drop_remainder: bool = True) -> list[tuple[int, int]]:
+    """S contiguous segments of T steps -> [(start, end)] (end exclusive).
 
-    start_i = floor(i T / S), end_i = floor((i + 1) T / S): the longer segments come last
-    (T=25, S=3 -> 8, 8, 9 steps). T < S: segment i is the single step floor(i T / S), so
-    steps repeat and no segment is empty."""
+    ``drop_remainder`` (the authors' RNN/train.lua, ``segmentBasis = floor(T / S)``): every
+    segment has n = floor(T / S) steps, segment i = [i n, (i + 1) n), and the last T - S n
+    steps are not used (T=25, S=3 -> steps 0-7, 8-15, 16-23; step 24 is dropped). Otherwise
+    start_i = floor(i T / S), end_i = floor((i + 1) T / S): every step is used and the longer
+    segments come last (T=25, S=3 -> 8, 8, 9 steps).
+    T < S (n = 0: the authors' segments would be empty), either way: segment i is the single
+    step floor(i T / S), so steps repeat and no segment is empty."""
     if t < 1 or s < 1:
         raise ValueError(f"ts_lstm: segments need T >= 1 and S >= 1, got T={t}, S={s}")
+    if drop_remainder and t >= s:
+        n = t // s
+        return [(i * n, (i + 1) * n) for i in range(s)]
     return [(i * t // s, max(i * t // s + 1, (i + 1) * t // s)) for i in range(s)]
 
 
@@ -53,12 +60,15 @@ class TSLSTM(nn.Module):
     and needs segments=1 and an LSTM.
 
     Details the paper leaves open, taken from the authors' public Torch code
-    (chihyaoma/Activity-Recognition-with-CNN-and-RNN, RNN/model.lua): the input BN is one
-    BatchNorm per segment, applied to every step of it; the dropout sits between the output BN
-    and the FC (the paper gives no rate; 0.5 here). The FC before pooling is linear (no
-    activation; the paper does not name one). Two-stream input (RGB + flow concatenated, 4096-D
-    in the paper) needs nothing but in_dim. As in the paper, the head trains on fixed per-frame
-    features (the paper's come from two-stream ResNet-101s fine-tuned on the target dataset).
+    (chihyaoma/Activity-Recognition-with-CNN-and-RNN, RNN/model.lua and RNN/train.lua): every
+    segment has floor(T / S) steps and the last T mod S steps are dropped (T=25, S=3: steps
+    0-7, 8-15, 16-23; ``drop_remainder=False`` instead spreads all T steps over the segments,
+    see ``segment_bounds``); the input BN is one BatchNorm per segment, applied to every step
+    of it; the dropout sits between the output BN and the FC (the paper gives no rate; 0.5
+    here). The FC before pooling is linear (no activation; the paper does not name one).
+    Two-stream input (RGB + flow concatenated, 4096-D in the paper) needs nothing but in_dim.
+    As in the paper, the head trains on fixed per-frame features (the paper's come from
+    two-stream ResNet-101s fine-tuned on the target dataset).
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class TSLSTM(nn.Module):
         input_bn: bool = True,
         output_bn: bool = True,
         dropout: float = 0.5,  # not in the paper; authors' code has an optional dropout here
+        drop_remainder: bool = True,  # authors' code: floor(T / S) steps per segment
     ) -> None:
         super().__init__()
         hidden = list(hidden)
@@ -94,6 +105,7 @@ class TSLSTM(nn.Module):
             raise ValueError(f"ts_lstm: dropout must be in [0, 1), got {dropout}")
         self.segments = segments
         self.pooling = pooling
+        self.drop_remainder = drop_remainder
         self.input_bn = (
             nn.ModuleList(nn.BatchNorm1d(in_dim) for _ in range(segments)) if input_bn else None
         )
@@ -112,7 +124,8 @@ class TSLSTM(nn.Module):
     def _segments(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> pooled segments (B, S, F), or every step (B, T, F) for pooling none."""
         pooled = []
-        for i, (a, b) in enumerate(segment_bounds(x.shape[1], self.segments)):
+        bounds = segment_bounds(x.shape[1], self.segments, drop_remainder=self.drop_remainder)
+        for i, (a, b) in enumerate(bounds):
             seg = x[:, a:b]
             if self.input_bn is not None:
                 seg = self.input_bn[i](seg.transpose(1, 2)).transpose(1, 2)  # BN per feature
