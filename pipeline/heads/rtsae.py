@@ -31,8 +31,9 @@ def sparse_projection(rows: int, cols: int, seed: int) -> Tensor:
 
 
 def max_normalise(z: Tensor) -> Tensor:
-    """z: (..., D) divided by its largest entry (eq. 15); the paper's GAP features are
-    non-negative, so the absolute maximum is used (equal there), kept away from zero."""
+    """z: (..., D) divided by its largest entry (eq. 15). The paper's GAP features are >= 0,
+    as are the ReLU block outputs it is applied to here; the absolute maximum (equal for them)
+    keeps it defined for any input, and it is kept away from zero (an all-zero vector stays 0)."""
     return z / z.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS)  # eq. (15): z / z_max
 
 
@@ -99,7 +100,7 @@ class PeepholeLSTMLayer(nn.Module):
         hs, os = [], []
         for t in range(x.shape[1]):
             gi, gf, gc, go = (gx[:, t] + self.hh(h)).chunk(4, dim=-1)
-            i = torch.sigmoid(gi + self.peep[0] * c)  # eq. (1)
+            i = torch.sigmoid(gi + self.peep[0] * c)  # eq. (1): peephole on c_{t-1}
             f = torch.sigmoid(gf + self.peep[1] * c)  # eq. (2)
             c = f * c + i * torch.tanh(gc)  # eq. (3)
             o = torch.sigmoid(go + self.peep[2] * c)  # eq. (4): peephole on c_t
@@ -107,6 +108,34 @@ class PeepholeLSTMLayer(nn.Module):
             hs.append(h)
             os.append(o)
         return torch.stack(hs, dim=1), torch.stack(os, dim=1)
+
+
+def skipping_lstm(lstm: nn.LSTM, u: Tensor, g: Tensor) -> Tensor:
+    """Training pass of the classifier LSTM (one layer) over every step, where step t counts
+    with weight g_t: (h_t, c_t) = g_t LSTM(u_t, h_{t-1}, c_{t-1}) + (1 - g_t) (h_{t-1}, c_{t-1}).
+    u: (B, T, F), g: (B, T) in [0, 1] -> h_T (B, hidden).
+
+    A step with g_t = 0 leaves the state as it was, exactly as the skipped step of the eval
+    pass (``kept_lstm``), so both passes agree on a binary gate; a soft g_t is its relaxation,
+    through which the classification error reaches the gate of every step (the paper: 'the
+    computation of the current time step is stopped' when a_t = 0, eq. 14)."""
+    gx = u @ lstm.weight_ih_l0.T + lstm.bias_ih_l0  # the input products of all steps at once
+    h = c = u.new_zeros(u.shape[0], lstm.hidden_size)
+    for t in range(u.shape[1]):
+        gi, gf, gc, go = (gx[:, t] + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0).chunk(4, dim=-1)
+        c_new = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gc)  # torch's LSTM
+        h_new = torch.sigmoid(go) * torch.tanh(c_new)
+        w = g[:, t, None]
+        h, c = w * h_new + (1 - w) * h, w * c_new + (1 - w) * c
+    return h
+
+
+def kept_lstm(lstm: nn.LSTM, u: Tensor, lengths: Tensor) -> Tensor:
+    """Eval pass: u (B, K, F), each video's kept steps first (``lengths`` (B,) of them) -> the
+    LSTM's last hidden state (B, hidden) over the kept steps only (skipped steps cost nothing)."""
+    packed = pack_padded_sequence(u, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    _, (hn, _) = lstm(packed)
+    return hn[-1]
 
 
 @dataclass
@@ -123,46 +152,76 @@ class RTSAEOutputs:
 
 @register_head("rtsae")
 class RTSAE(nn.Module):
-    """aLSTM attention (RTSAE) + LSTM classifier. x: (B, T, D) -> logits (B, num_classes).
+    """RTSAE attention + the DSCNN above it + an LSTM classifier, on cached per-frame features.
+    x: (B, T, D) -> logits (B, num_classes); with ``stream_dims`` x is [x_s | x_t] (RGB | flow).
 
-    Attention path: x_f = R (x_s + x_t) / (2 x_max) (eq. 17, R a fixed seeded sparse projection
-    to ``projection_dim``, eq. 18; one stream: R x / x_max) -> a stacked peephole-LSTM encoder
-    (eqs. 1-5) whose top layer's output gate o_t gives a-bar_t = p-psi(||W_a o_t + b_a||) (eqs.
-    6-7). The decoder (an LSTM reading a-bar_t h_t, with a linear readout k_t) reconstructs x_f.
-    Classifier path: features z_t (with ``stream_dims``: each stream max-normalised, eq. 15, and
-    fused as ReLU(z_s/(1+w_f) + w_f z_t/(1+w_f)), eq. 16, w_f learnable) are gated by a-bar_t
-    (eq. 13) into an LSTM whose last hidden state is classified. In eval mode the gate is
-    binarised at 0.5 (eq. 14) and the LSTM runs over the kept steps only; ``report()`` gives the
-    fraction kept. ``pretrain_loss`` is eq. 12 (stage 2), ``loss`` cross-entropy + eq. 12
-    (stage 3).
+    The paper embeds the RTSAE after the p2 pooling layer of both CNN streams. The CNNs here
+    are frozen and their features cached, so:
+    - "p2 features" are the cached features of each stream: the RTSAE's input (eq. 17) and
+      what its gate multiplies (eq. 13);
+    - blocks 3-5 + GAP of each stream (S-Net, T-Net) are one trainable ReLU layer each
+      (``block_dim``; Table 1's GAP: 1024), trained in stage 3 as the paper's are. Something
+      must sit between the gate and eq. 15: z / z_max would cancel a soft gate applied to it;
+    - the F-Net is eq. 16's ReLU and fc7 (``fusion_dim``; Table 1: 1024, ReLU), read by an LSTM
+      (``hidden``) whose last hidden state is classified.
 
-    Differences from the paper (end-to-end RTSAE-DSCNN there; cached features here):
-    - the CNNs are frozen, so the RTSAE reads the cached (GAP) features instead of the p2 maps,
-      nothing before the gate can be saved at test time (the saving is the classifier LSTM's),
-      and the gate (eq. 13) is applied after the eq. 15-16 fusion: the per-vector max
-      normalisation would cancel a gate applied before it. The F-Net is eq. 16's ReLU only
-      (no fc7); ``x_max`` and ``z_max`` use absolute values (features need not be >= 0 here).
-    - stage 2 runs on the training videos (the paper uses TRECVID); stage 1 does not exist.
-    - stage 3: the paper removes the decoder, yet calls the training multi-task; by default
-      (``joint_reconstruction=True``) eq. 12 keeps its reconstruction term, with weight 1
-      beside the cross-entropy (the paper gives no weight); False drops the decoder's term.
-    - attention steps st_i of eq. 12 are the steps with a-bar_t > 0.5 (eq. 14's threshold); the
-      selection passes no gradient, the terms' values do. Eq. 12's sums are per video, averaged
-      over the batch. ``eq12_reduction="mean"`` (not in the paper) divides each sum by its
-      number of summands: as printed (``"sum"``) lambda sum_t ||o_t||_1 alone is ~80 for
-      T = 25, H = 128, against a cross-entropy of ~2, and shuts every gate at once.
-    - x_f is also divided by sqrt(D) (see ``compress``); W_a, b_a start with a-bar ~ 0.63.
-    - unstated sizes are choices: W_a is (H, H); k_t is a linear readout of the decoder's hidden
-      state (x_f is not bounded by tanh); the decoder has the encoder's depth and width;
-      peepholes are diagonal (Graves); sigma starts at 2.98 (the value of Fig. 4); the
-      classifier's ``hidden`` and ``dropout`` are not given.
-    - a video whose gate keeps no step keeps its most attended one, so it is still classified.
-    - ``straight_through=True`` (not in the paper, which trains on the soft a-bar_t) feeds the
-      classifier the test-time binary gate in training, passing gradients to a-bar_t as if it
-      were the identity. With the soft gate, the LSTM rescales its input weights while the L1
-      term shrinks a-bar_t everywhere below 0.5, so at test time only the fallback step is left.
-    - no temporal augmentation (random inserted frames), no spatial (corner-crop) augmentation:
-      both act on frames, and the cache holds one feature sequence per video.
+    Per step t: x_f = R (x_s + x_t) / (2 x_max) (eq. 17 as printed, R fixed and seeded, eq.
+    18; one stream: R x / x_max) -> a peephole LSTM encoder (eqs. 1-5, ``encoder_layers``)
+    -> a-bar_t = p-psi(||W_a o_t + b_a||) from the top layer's output gate o_t (eqs. 6-7);
+    x' = a-bar_t x (eq. 13) -> z = ReLU(block(x')) -> z-bar = z / z_max (eq. 15) -> z_f =
+    ReLU(z-bar_s / (1 + w_f) + w_f z-bar_t / (1 + w_f)) (eq. 16, w_f learnt; one stream:
+    z-bar_s) -> u_t = ReLU(fc7 z_f) -> the LSTM.
+    Eval: a_t = [a-bar_t > 0.5] (eq. 14) and only the kept steps go through the layers above
+    the gate and the LSTM (the RTSAE itself reads every step). Training: the LSTM runs over all
+    steps with (h_t, c_t) = g_t LSTM(u_t, h_{t-1}, c_{t-1}) + (1 - g_t) (h_{t-1}, c_{t-1}), so a
+    step with g_t = 0 is skipped exactly as at test (a 0/1 gate gives the same logits in both
+    modes); g_t = a-bar_t, the paper's soft gate, or with ``straight_through`` see below.
+    ``report()`` (eval) gives the kept fraction and the mean a-bar on kept and dropped steps.
+
+    Stage 2, ``pretrain_loss``: eq. 12 with the decoder (an LSTM reading a-bar_t h_t and a
+    linear readout k_t that reconstructs x_f), on the training videos (the paper: TRECVID).
+    Stage 3, ``loss``: cross-entropy + ``joint_weight`` x eq. 12 without its reconstruction
+    term, as the paper removes the decoder (``joint_reconstruction=True`` keeps it).
+
+    Why the gate is selective, measured on tests/test_rtsae_selective.py's set (T = 20, D = 48,
+    3-5 clean steps per video = class prototype + noise, the others noise or blank; held-out
+    videos, seeds 0-7; joint_weight 0.02, 60 epochs unless said):
+    - eq. 12 alone cannot open a gate: its attention steps st_i are the steps with a-bar > 0.5
+      and that selection passes no gradient, so phi ||a-bar||_1 is the only term acting on the
+      gate and stage 2 closes every step (mean a-bar 0.48 -> 0.01 in 35 Adam steps at lr 1e-3;
+      then M = 0 and the reconstruction and diversity terms are 0: eq. 12's trivial minimum).
+      The selection is learnt in stage 3, from the classification error through eqs. 13-14.
+    - beside the cross-entropy, eq. 12 at weight 1 (mean reduction) shuts the gate: a-bar
+      0.18-0.23 on clean steps, 0.01-0.02 on the others, so at test each video keeps its
+      fallback step only (5% kept, recall 0.25; seeds 0-3, 40 epochs). The paper gives no
+      weight; ``joint_weight`` sets it (0.1: recall 0.71-0.99, 79-99% of the noise dropped,
+      40 epochs; 0.02: below).
+    - the soft gate alone (the paper, ``straight_through=False``) ranks the steps right (96-98%
+      of the noise dropped) but the L1 term holds the clean steps near eq. 14's 0.5 (mean a-bar
+      0.44-0.66): nothing in the soft pass rewards crossing 0.5, the LSTM uses a step at a-bar
+      0.45 too. At test up to 30% of the videos keep no step (the fallback) and the clean-step
+      recall is 0.42-0.83.
+    - the binary gate alone (straight-through) sets the level, but did not learn the ranking
+      on every seed: recall 0.50-0.98, noise dropped 31-92% (seed 7: a-bar 0.65 on clean steps
+      vs 0.67 on the others), accuracy 0.70-1.00.
+    - so ``straight_through=True`` (not in the paper) averages the cross-entropies of both
+      passes: the soft one (the ranking) and the binary one, eq. 14's a_t as at test with
+      a-bar_t's gradient passed straight through (the level). Recall 0.80-1.00, noise dropped
+      85-99%, accuracy 0.97-1.00 (chance 0.25), a-bar 0.57-0.80 on clean steps vs 0.12-0.29.
+      Eq. 13 always scales x by the soft a-bar_t, so a closed step's gradient still depends
+      on what it holds.
+
+    Other differences and choices:
+    - ``eq12_reduction="mean"`` (not in the paper) divides each eq. 12 sum by its number of
+      summands: as printed (``"sum"``) lambda sum_t ||o_t||_1 alone is ~80 for T = 25, H = 128.
+    - eq. 17's x_f has entries of size ~ sqrt(D) rms(x / x_max): the first encoder layer's
+      input weights start sqrt(D) smaller than torch's default (eq. 17 itself is as printed).
+      x_max and eq. 15's z_max use absolute values (equal for >= 0 features).
+    - W_a, b_a start with a-bar ~ 0.5; W_a is (H, H); peepholes are diagonal (Graves); sigma
+      starts at 2.98 (Fig. 4); the decoder has the encoder's depth and width; the classifier's
+      ``hidden`` and ``dropout`` are not given.
+    - a video whose gate keeps no step keeps its most attended one (eval and the binary pass).
+    - no temporal (inserted frames) or spatial (corner-crop) augmentation: both act on frames.
     """
 
     def __init__(
@@ -181,9 +240,12 @@ class RTSAE(nn.Module):
         tau: float = 0.02,
         lam: float = 0.05,
         phi: float = 0.8,
-        joint_reconstruction: bool = True,
+        joint_reconstruction: bool = False,
+        joint_weight: float = 1.0,
         eq12_reduction: str = "sum",
         straight_through: bool = False,
+        block_dim: int = 1024,
+        fusion_dim: int = 1024,
         stream_dims: list[int] | None = None,
     ) -> None:
         super().__init__()
@@ -192,6 +254,8 @@ class RTSAE(nn.Module):
             ("projection_dim", projection_dim),
             ("encoder_hidden", encoder_hidden),
             ("encoder_layers", encoder_layers),
+            ("block_dim", block_dim),
+            ("fusion_dim", fusion_dim),
         ]:
             if v < 1:
                 raise ValueError(f"rtsae: {name} must be >= 1, got {v}")
@@ -199,7 +263,13 @@ class RTSAE(nn.Module):
             raise ValueError(f"rtsae: dropout must be in [0, 1), got {dropout}")
         if sigma_init <= 0:
             raise ValueError(f"rtsae: sigma_init must be > 0, got {sigma_init}")
-        for name, v in [("mu", mu), ("tau", tau), ("lam", lam), ("phi", phi)]:
+        for name, v in [
+            ("mu", mu),
+            ("tau", tau),
+            ("lam", lam),
+            ("phi", phi),
+            ("joint_weight", joint_weight),
+        ]:
             if v < 0:
                 raise ValueError(f"rtsae: {name} must be >= 0, got {v}")
         if eq12_reduction not in ("sum", "mean"):
@@ -218,27 +288,40 @@ class RTSAE(nn.Module):
         feat_dim = in_dim // 2 if self.two_stream else in_dim
         self.mu, self.tau, self.lam, self.phi = mu, tau, lam, phi
         self.joint_reconstruction = joint_reconstruction
+        self.joint_weight = joint_weight
         self.eq12_reduction = eq12_reduction
         self.straight_through = straight_through
 
+        # --- the RTSAE (eqs. 1-12, 17-18) ---
         # eq. (18): fixed measurement matrix, saved with the model but never trained
         self.register_buffer(
             "projection", sparse_projection(projection_dim, feat_dim, projection_seed)
         )
         dims = [projection_dim] + [encoder_hidden] * encoder_layers
         self.encoder = nn.ModuleList(PeepholeLSTMLayer(a, b) for a, b in pairwise(dims))
+        # eq. 17's x_f has entries of size ~ ||x / x_max|| ~ sqrt(D) (see compress): the first
+        # layer's input weights start sqrt(D) smaller than torch's default, so its gates start
+        # unsaturated. An initialisation only; eq. 17 is computed as printed.
+        with torch.no_grad():
+            self.encoder[0].ih.weight.div_(math.sqrt(feat_dim))
         self.attention = nn.Linear(encoder_hidden, encoder_hidden)  # W_a, b_a (eq. 6)
         # Start the gate half open: with o_t ~ 0.5 at init, ||W_a o_t||^2 ~ sigma, so a-bar ~
-        # 0.63 and p-psi's slope is large. (PyTorch's default init gives ||.||^2 ~ H / 12, a
+        # 0.5-0.6 (0.48 measured) and p-psi's slope is large. (PyTorch's default init gives ||.||^2 ~ H / 12, a
         # gate stuck at 1, where p-psi is flat.)
         nn.init.normal_(self.attention.weight, std=2 * math.sqrt(sigma_init) / encoder_hidden)
         nn.init.zeros_(self.attention.bias)
         self.p_psi = PPsi(sigma_init)
         self.decoder = nn.LSTM(encoder_hidden, encoder_hidden, encoder_layers, batch_first=True)
         self.readout = nn.Linear(encoder_hidden, projection_dim)  # k_t
+
+        # --- the DSCNN above p2 and the classifier (eqs. 13-16) ---
+        n_streams = 2 if self.two_stream else 1
+        # Blocks 3-5 + GAP of each stream (S-Net, T-Net): one ReLU layer each (see the docstring)
+        self.blocks = nn.ModuleList(nn.Linear(feat_dim, block_dim) for _ in range(n_streams))
         if self.two_stream:
             self.log_w_f = nn.Parameter(torch.zeros(()))  # w_f = 1: equal streams at the start
-        self.classifier = nn.LSTM(feat_dim, hidden, batch_first=True)
+        self.fc7 = nn.Linear(block_dim, fusion_dim)  # the F-Net's fully connected layer
+        self.classifier = nn.LSTM(fusion_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden, num_classes)
         self._last: dict[str, float] = {}
@@ -247,42 +330,44 @@ class RTSAE(nn.Module):
     def w_f(self) -> Tensor:
         return self.log_w_f.exp()  # a log keeps w_f > 0, so both weights of eq. 16 are in (0, 1)
 
-    def _streams(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self.two_stream:
-            xs, xt = x.chunk(2, dim=-1)
-            return xs, xt
-        return x, None
+    def _streams(self, x: Tensor) -> list[Tensor]:
+        return list(x.chunk(2, dim=-1)) if self.two_stream else [x]
 
     def compress(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) -> x_f (B, T, projection_dim) (eq. 17)."""
-        xs, xt = self._streams(x)
-        if xt is None:
-            x_max = xs.abs().amax(dim=-1, keepdim=True)
-            mixed = xs / x_max.clamp_min(_EPS)
-        else:
-            x_max = torch.maximum(xs.abs().amax(-1, keepdim=True), xt.abs().amax(-1, keepdim=True))
-            mixed = (xs + xt) / (2 * x_max.clamp_min(_EPS))
-        # eq. (17): x_f = R (x_s + x_t) / (2 x_max), here also / sqrt(D): as printed, x_f's
-        # entries grow like sqrt(D) (~36 for D = 1280), saturating the encoder's gates and
-        # making eq. 12's reconstruction term dwarf the others (the gate then shuts everywhere)
-        return mixed @ self.projection.T / math.sqrt(self.projection.shape[1])
-
-    def features(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) -> the classifier's per-step features (B, T, feat_dim) (eqs. 15-16)."""
-        xs, xt = self._streams(x)
-        if xt is None:
-            return xs
-        w = self.w_f
-        # eq. (16): z_f = ReLU(1/(1+w_f) z-bar_s + w_f/(1+w_f) z-bar_t), z-bar from eq. 15
-        return F.relu((max_normalise(xs) + w * max_normalise(xt)) / (1 + w))
+        """x: (B, T, D) -> x_f (B, T, projection_dim) (eq. 17, as printed)."""
+        streams = self._streams(x)
+        # x_max: the largest entry of x_s and x_t (absolute: equal for >= 0 features)
+        x_max = torch.stack([s.abs().amax(-1) for s in streams]).amax(0)[..., None]
+        if len(streams) == 2:
+            mixed = (streams[0] + streams[1]) / (2 * x_max.clamp_min(_EPS))
+        else:  # one stream: eq. 17 with x_t = x_s
+            mixed = streams[0] / x_max.clamp_min(_EPS)
+        return mixed @ self.projection.T  # eq. (17): x_f = R (x_s + x_t) / (2 x_max)
 
     def gate(self, x_f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x_f: (B, T, P) -> a-bar (B, T), output gates O (B, T, H), hidden states (B, T, H)."""
+        """x_f: (B, T, P) -> a-bar (B, T), output gates O (B, T, H), hidden states (B, T, H)
+        of the top encoder layer."""
         h = x_f
         for layer in self.encoder:
-            h, o = layer(h)
+            h, o = layer(h)  # eqs. (1)-(5)
         a = self.p_psi(self.attention(o).norm(dim=-1))  # eq. (6): p-psi(||W_a o_t + b_a||)
         return a, o, h
+
+    def top(self, x: Tensor, a: Tensor) -> Tensor:
+        """x: (B, T, D) the p2 stand-ins, a: (B, T) their gate -> the F-Net's per-step
+        features (B, T, fusion_dim) (eqs. 13, 15, 16 and fc7)."""
+        z = [
+            F.relu(block(s * a[..., None]))  # eq. (13): x' = x (*) a-bar_t; then blocks 3-5, GAP
+            for block, s in zip(self.blocks, self._streams(x), strict=True)
+        ]
+        z = [max_normalise(zi) for zi in z]  # eq. (15): z-bar = z / z_max
+        if self.two_stream:
+            w = self.w_f
+            # eq. (16): z_f = ReLU(1/(1+w_f) z-bar_s + w_f/(1+w_f) z-bar_t)
+            z_f = F.relu((z[0] + w * z[1]) / (1 + w))
+        else:
+            z_f = z[0]  # eq. 16 with the S-Net alone (z-bar >= 0: the ReLU is the identity)
+        return F.relu(self.fc7(z_f))  # the F-Net's fc7 (Table 1: 1024)
 
     def _outputs(self, x: Tensor, *, classify: bool, decode: bool) -> RTSAEOutputs:
         x_f = self.compress(x)
@@ -294,32 +379,42 @@ class RTSAE(nn.Module):
         logits = None
         if classify:
             if self.training:
-                g = a
-                if self.straight_through:  # the test-time binary gate, a-bar's gradient
-                    g = binary_gate(a.detach()).to(a.dtype) + a - a.detach()
-                z = self.features(x) * g[..., None]  # eq. (13): x' = x (*) a-bar_t
-                _, (hn, _) = self.classifier(z)
-                last = hn[-1]
+                last = self._classify_train(x, a, binary=self.straight_through)
             else:
-                last = self._classify_kept(self.features(x), a)
+                last = self._classify_kept(x, a)
             logits = self.fc(self.dropout(last))
         return RTSAEOutputs(x_f, a, o, h, recon, logits)
 
-    def _classify_kept(self, z: Tensor, a: Tensor) -> Tensor:
-        """Eval: z (B, T, F), a-bar (B, T) -> the classifier's last hidden state (B, hidden),
-        stepping each video's LSTM over its kept steps only (skipped steps cost nothing)."""
+    def _classify_train(self, x: Tensor, a: Tensor, *, binary: bool) -> Tensor:
+        """Training: x (B, T, D), a-bar (B, T) -> the classifier's last hidden state (B, hidden).
+        Eq. 13 scales the p2 stand-ins by the soft a-bar_t (the paper); each step then counts
+        in the LSTM with weight a-bar_t (``skipping_lstm``), or, ``binary``, with eq. 14's a_t
+        (a-bar_t's gradient passed straight through), so a closed step is skipped as at test."""
+        g = a
+        if binary:
+            g = binary_gate(a.detach()).to(a.dtype) + a - a.detach()
+        return skipping_lstm(self.classifier, self.top(x, a), g)
+
+    def _classify_kept(self, x: Tensor, a: Tensor) -> Tensor:
+        """Eval: x (B, T, D), a-bar (B, T) -> the classifier's last hidden state (B, hidden).
+        Only the kept steps (eq. 14) go through the layers above the gate and the LSTM."""
         keep = binary_gate(a)
-        empty = ~(a > 0.5).any(dim=1)
         lengths = keep.sum(dim=1)
         order = attended_first(keep)[:, : int(lengths.max())]
-        kept = z.gather(1, order[..., None].expand(-1, -1, z.shape[-1]))  # (B, K, F)
-        packed = pack_padded_sequence(kept, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (hn, _) = self.classifier(packed)
+        kept = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        u = self.top(kept, torch.ones(kept.shape[:2], dtype=x.dtype, device=x.device))  # a_t = 1
+        opened = a > 0.5
+        dropped = ~keep
         self._last = {
             "kept_fraction": keep.sum().item() / keep.numel(),
-            "empty_gate_fraction": empty.sum().item() / empty.numel(),
+            "empty_gate_fraction": (~opened.any(dim=1)).sum().item() / keep.shape[0],
+            "gate_mean": a.mean().item(),
         }
-        return hn[-1]
+        if keep.any():
+            self._last["gate_mean_kept"] = a[keep].mean().item()
+        if dropped.any():
+            self._last["gate_mean_dropped"] = a[dropped].mean().item()
+        return kept_lstm(self.classifier, u, lengths)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._outputs(x, classify=True, decode=False)
@@ -371,12 +466,20 @@ class RTSAE(nn.Module):
         return self.eq12(self._outputs(x, classify=False, decode=True))
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Stage 3: cross-entropy + eq. 12 (see the class docstring on the decoder)."""
+        """Stage 3: cross-entropy + ``joint_weight`` x eq. 12 without the decoder's term (the
+        paper removes the decoder; ``joint_reconstruction=True`` keeps it). With
+        ``straight_through`` the cross-entropy is the mean of the binary pass's (eq. 14, as at
+        test) and the soft pass's (the paper's), see the class docstring."""
         out = self._outputs(x, classify=True, decode=self.joint_reconstruction)
         assert out.logits is not None
-        return F.cross_entropy(out.logits, y) + self.eq12(out)
+        ce = F.cross_entropy(out.logits, y)
+        if self.straight_through:
+            soft = self.fc(self.dropout(self._classify_train(x, out.gate, binary=False)))
+            ce = (ce + F.cross_entropy(soft, y)) / 2
+        return ce + self.joint_weight * self.eq12(out)
 
     def report(self) -> dict[str, float]:
-        """Fraction of time steps the gate kept (and of videos it kept none of) in the last
-        eval-mode forward; empty before one."""
+        """About the last eval-mode forward (empty before one): the fraction of time steps the
+        gate kept, of videos it kept none of (kept their most attended step), and the mean
+        a-bar over all, kept and dropped steps (the last two only when there are such steps)."""
         return dict(self._last)
