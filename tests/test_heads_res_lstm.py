@@ -181,3 +181,131 @@ def test_paper_defaults_and_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=f"res_lstm: {arg}"):
             build_head("res_lstm", in_dim=16, num_classes=3, **kwargs)
+
+
+# --- mid fusion (section 3.2): x^0 = x^c (+) x^f or x^c (.) x^f of per-stream PCA maps ---
+
+
+def _two_streams(n: int = 30, t: int = 4, d_c: int = 6, d_f: int = 5) -> torch.Tensor:
+    """(n, t, d_c + d_f): two streams of distinct per-direction variances and offsets, so each
+    stream's top principal directions are well separated and differ from the joint PCA's."""
+    gen = torch.Generator().manual_seed(1)
+    parts = []
+    for d, scale, offset in ((d_c, 4.0, 2.0), (d_f, 1.5, -3.0)):
+        var = scale * torch.linspace(1.0, 0.1, d)
+        rot = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
+        parts.append((torch.randn(n, t, d, generator=gen) * var) @ rot + offset)
+    return torch.cat(parts, dim=-1)
+
+
+def _sklearn_x0(train: torch.Tensor, x: torch.Tensor, d_c: int, k: int) -> list[torch.Tensor]:
+    """Each stream of x projected by an sklearn PCA fitted on that stream's training frames,
+    with each component's sign fixed as the head fixes it (largest-magnitude entry positive)."""
+    from sklearn.decomposition import PCA
+
+    out = []
+    for cols in (slice(0, d_c), slice(d_c, train.shape[-1])):
+        pca = PCA(n_components=k).fit(train[..., cols].reshape(-1, train[..., cols].shape[-1]))
+        comps = pca.components_.T  # (d_s, k)
+        comps = comps * np.sign(comps[np.abs(comps).argmax(0), np.arange(k)])
+        proj = (x[..., cols].numpy() - pca.mean_) @ comps
+        out.append(torch.from_numpy(proj).float())
+    return out
+
+
+def _lstm_input(model: ResLSTM, x: torch.Tensor) -> torch.Tensor:
+    return _layer_io(model, x)[0][0]
+
+
+@pytest.mark.parametrize("fusion", ["sum", "product"])
+def test_mid_fusion_feeds_the_lstm_the_fused_per_stream_pca(fusion: str) -> None:
+    torch.manual_seed(0)
+    train = _two_streams()
+    model = build_head(
+        "res_lstm", in_dim=11, num_classes=3, hidden=3, fusion=fusion, stream_dims=[6, 5]
+    ).eval()
+    assert isinstance(model, ResLSTM)
+    model.prepare(iter(train.split(7)))  # streamed: a pass over batches, as fit gives them
+    x = _two_streams(n=2, t=5)
+    c, f = _sklearn_x0(train, x, 6, 3)
+    expected = c + f if fusion == "sum" else c * f  # x_t^c (+) x_t^f, x_t^c (.) x_t^f
+    torch.testing.assert_close(_lstm_input(model, x), expected, atol=1e-4, rtol=1e-4)
+    # and one PCA over the 11 columns side by side (concat) is a different input
+    joint = build_head("res_lstm", in_dim=11, num_classes=3, hidden=3, stream_dims=[6, 5])
+    assert isinstance(joint, ResLSTM)
+    joint.prepare(train)
+    assert not torch.allclose(_lstm_input(joint.eval(), x), expected, atol=1e-2)
+
+
+def test_mid_fusion_pca_of_batches_equals_that_of_one_tensor() -> None:
+    train = _two_streams()
+    kwargs = dict(in_dim=11, num_classes=3, hidden=3, fusion="product", stream_dims=[6, 5])
+    whole, streamed = ResLSTM(**kwargs), ResLSTM(**kwargs)  # type: ignore[arg-type]
+    whole.prepare(train)
+    streamed.prepare(b for b in train.split(4))
+    torch.testing.assert_close(streamed.pca_mean, whole.pca_mean)
+    torch.testing.assert_close(streamed.pca_components, whole.pca_components, atol=1e-5, rtol=0)
+    # each stream's rows of the buffers hold its own mean
+    flat = train.reshape(-1, 11)
+    torch.testing.assert_close(whole.pca_mean, flat.mean(0))
+
+
+def test_mid_fusion_through_fit_fits_both_stream_maps() -> None:
+    train = _two_streams(n=8)
+    model = ResLSTM(in_dim=11, num_classes=2, hidden=3, layers=1, fusion="sum", stream_dims=[6, 5])
+    fit(model, train.numpy(), np.array([0, 1] * 4), TrainSettings(epochs=1, batch_size=4), seed=0)
+    assert bool(model.pca_fitted)
+    c, f = _sklearn_x0(train, train[:2], 6, 3)
+    torch.testing.assert_close(model.eval().project(train[:2]), c + f, atol=1e-4, rtol=1e-4)
+
+
+def test_mid_fusion_learned_projection_is_one_linear_map_per_stream() -> None:
+    torch.manual_seed(0)
+    model = ResLSTM(
+        in_dim=11,
+        num_classes=3,
+        hidden=4,
+        projection="learned",
+        fusion="product",
+        stream_dims=[6, 5],
+    )
+    assert [p.weight.shape for p in model.stream_proj] == [(4, 6), (4, 5)]
+    x = torch.randn(2, 3, 11)
+    expected = model.stream_proj[0](x[..., :6]) * model.stream_proj[1](x[..., 6:])
+    torch.testing.assert_close(_lstm_input(model, x), expected)
+    model(x).sum().backward()
+    assert all(p.weight.grad is not None for p in model.stream_proj)
+
+
+def test_mid_fusion_state_dict_keeps_the_shapes_of_one_map() -> None:
+    fused = ResLSTM(in_dim=11, num_classes=3, hidden=3, fusion="sum", stream_dims=[6, 5])
+    fused.prepare(_two_streams())
+    plain = ResLSTM(in_dim=11, num_classes=3, hidden=3)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
+    fresh = ResLSTM(in_dim=11, num_classes=3, hidden=3, fusion="sum", stream_dims=[6, 5])
+    fresh.load_state_dict(fused.state_dict())
+    x = _two_streams(n=2)
+    torch.testing.assert_close(fresh.eval()(x), fused.eval()(x))
+
+
+def test_unfitted_mid_fusion_truncates_each_stream() -> None:
+    model = ResLSTM(in_dim=11, num_classes=3, hidden=3, fusion="sum", stream_dims=[6, 5])
+    x = torch.randn(2, 3, 11)
+    torch.testing.assert_close(model.project(x), x[..., :3] + x[..., 6:9])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fusion": "product"}, "needs two streams"),  # a single stream
+        ({"fusion": "sum", "stream_dims": [11]}, "needs two streams"),
+        ({"fusion": "sum", "stream_dims": [6, 5], "hidden": 6}, "must not exceed"),
+        ({"fusion": "sum", "stream_dims": [6, 4]}, "must sum to in_dim 11"),
+        ({"fusion": "max"}, "res_lstm: fusion must be one of"),
+    ],
+)
+def test_mid_fusion_refusals(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_head("res_lstm", in_dim=11, num_classes=3, **{"hidden": 3, **kwargs})

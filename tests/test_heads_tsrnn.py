@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from pipeline.engine import TrainSettings, fit, predict
 from pipeline.heads import build_head
-from pipeline.heads.tsrnn import TSRNN, _conv, entropy, entropy_pool, window_weights
+from pipeline.heads.tsrnn import TSRNN, conv_maps, entropy, entropy_pool, window_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,7 +164,7 @@ def test_one_by_one_maps_use_the_centre_tap_exactly() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(5, 7, 3, padding=1)
     x = torch.randn(4, 5, 1, 1)
-    torch.testing.assert_close(_conv(conv, x), conv(x))
+    torch.testing.assert_close(conv_maps(conv, x), conv(x))
 
 
 # (B1 present, gate input channels for D = 4, windows M for T = 6 and gamma = 5, gains)
