@@ -4,7 +4,9 @@ the manifest.
 
 Per split: fit on the train videos, save the weights, score the test videos, and score the
 train videos out of fold (``TrainConfig.oof_folds`` >= 2; in-sample otherwise) so that the SVM
-fusion learns from scores the model did not see. Cache layouts, views, the resampling of
+fusion learns from scores the model did not see. A head with ``window_scores`` (TSRNN: the
+probabilities of each pooling window, its recurrences) also gives those, for the same videos and
+from the same models, for the per-recurrence SVM fusion (window_scores.npz). Cache layouts, views, the resampling of
 unequal lengths to ``TrainConfig.steps``, and features held in memory or streamed from the caches
 beyond ``TrainConfig.memory_gb``: pipeline/streams.py.
 """
@@ -26,7 +28,9 @@ from pipeline.config import TrainConfig
 from pipeline.datasets import read_manifest
 from pipeline.engine import (
     Rows,
+    as_rows,
     fit,
+    iter_batches,
     out_of_fold,
     predict,
     predict_report,
@@ -36,7 +40,14 @@ from pipeline.engine import (
 from pipeline.heads import build_head, head_arguments
 from pipeline.manifest import Manifest
 from pipeline.runner import resolve_workers
-from pipeline.scores import ScoreTable, concat, write_scores
+from pipeline.scores import (
+    WINDOW_SCORES,
+    ScoreTable,
+    WindowScores,
+    concat,
+    write_scores,
+    write_window_scores,
+)
 from pipeline.streams import Features, check_head, load_features, open_streams, per_video
 
 log = logging.getLogger(__name__)
@@ -54,11 +65,43 @@ class Trained:
     states: {split: the head's state_dict after fitting on that split's train videos}.
     scores: one row per (split, subset, video), scores (N, C) softmax (mean over views).
     log: train_log.json's content (no wall-clock time: see ``train_splits``).
+    windows: the same rows' window scores (N, M, C), for heads with ``window_scores``; else None.
     """
 
     states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     scores: ScoreTable | None = None
     log: dict[str, Any] = field(default_factory=dict)
+    windows: WindowScores | None = None
+
+
+def has_windows(model: torch.nn.Module) -> bool:
+    """Whether the head scores each pooling window: ``window_scores(x) -> ((B, M, C)
+    probabilities, (M,) eq. 8 weights)``."""
+    return callable(getattr(model, "window_scores", None))
+
+
+@torch.inference_mode()
+def predict_windows(
+    model: torch.nn.Module, x: np.ndarray | Rows, *, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """x: (N, T, ...) (an array or Rows) -> (window probabilities (N, M, C) float32, the
+    windows' weights (M,)) of a head with ``window_scores``, in eval mode."""
+    model.eval()
+    rows = as_rows(x)
+    n = len(rows)
+    bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+    probs, weights = [], None
+    for _, batch in iter_batches(rows, np.arange(n), bounds):
+        p, weights = model.window_scores(batch)
+        probs.append(p.float().cpu())
+    assert weights is not None  # a split has test and train rows (TrainError otherwise)
+    return torch.cat(probs).numpy(), weights.float().cpu().numpy()
+
+
+def _video_windows(probs: np.ndarray, groups: np.ndarray, views: bool) -> np.ndarray:
+    """(R, M, C) per row -> (N, M, C) per video: the mean of its views, as ``per_video``."""
+    r, m, c = probs.shape
+    return per_video(probs.reshape(r, m * c), groups, views).reshape(-1, m, c)
 
 
 def _split_rows(
@@ -107,7 +150,8 @@ def train_splits(
         out.log["resampled"] = True  # some cached lengths differed and sigma(t) changed them
     if any(layout != "(T, D)" for layout in feats.layouts):
         out.log["layouts"] = feats.layouts
-    tables = []
+    tables, windows = [], []
+    weights: np.ndarray | None = None  # the window weights (M,), the same on every split
     have = set(feats.ids())
     for split in manifest.split_names:
         parts = {
@@ -134,6 +178,13 @@ def train_splits(
         out.states[split] = model.state_dict()
         test_scores, report = predict_report(model, x["test"])
         scores = {"test": per_video(test_scores, groups["test"], feats.views)}
+        windowed = has_windows(model)
+        win: dict[str, np.ndarray] = {}
+        if windowed:
+            win["test"], w = predict_windows(model, x["test"])
+            if weights is not None and not np.array_equal(w, weights):
+                raise TrainError(f"{head}: split {split} has other window weights than before")
+            weights = w
         if cfg.oof_folds >= 2:
             train_scores = out_of_fold(
                 make,
@@ -144,15 +195,25 @@ def train_splits(
                 seed=cfg.seed,
                 num_classes=num_classes,
                 groups=groups["train"] if feats.views else None,
+                # the window scores come from the same fold models, beside the probabilities
+                score=_probs_and_windows if windowed else None,
             )
+            if windowed:
+                r = len(train_scores)
+                win["train"] = train_scores[:, num_classes:].reshape(r, -1, num_classes)
+                train_scores = train_scores[:, :num_classes]
         else:
             train_scores = predict(model, x["train"])
+            if windowed:
+                win["train"], _ = predict_windows(model, x["train"])
         scores["train"] = per_video(train_scores, groups["train"], feats.views)
         for p in ("train", "test"):
             n = len(parts[p])
-            tables.append(
-                ScoreTable([split] * n, [p] * n, [v.video_id for v in parts[p]], y[p], scores[p])
-            )
+            ids = [v.video_id for v in parts[p]]
+            tables.append(ScoreTable([split] * n, [p] * n, ids, y[p], scores[p]))
+            if windowed:
+                per = _video_windows(win[p], groups[p], feats.views)
+                windows.append(WindowScores([split] * n, [p] * n, ids, y[p], per, weights))
         acc = float((scores["test"].argmax(1) == y["test"]).mean())
         log.info(
             "%s/%s split %s: test top-1 %.3f (%d videos), %.1f s",
@@ -182,16 +243,36 @@ def train_splits(
         for k, v in report.items():
             log.info("%s/%s split %s: %s = %.4g", head, stream, split, k, v)
     out.scores = concat(tables)
+    if windows:
+        out.windows = WindowScores(
+            [s for w in windows for s in w.split],
+            [s for w in windows for s in w.subset],
+            [v for w in windows for v in w.video_id],
+            np.concatenate([w.label for w in windows]),
+            np.concatenate([w.scores for w in windows]),
+            windows[0].weights,
+        )
     return out
 
 
+def _probs_and_windows(model: torch.nn.Module, rows: Rows) -> np.ndarray:
+    """rows (n, T, ...) -> (n, C + M * C): the probabilities, then the window probabilities
+    flattened; what out_of_fold keeps of each fold model for a head with window scores."""
+    probs = predict(model, rows)
+    win, _ = predict_windows(model, rows)
+    return np.concatenate([probs, win.reshape(len(win), -1)], axis=1)
+
+
 def write_trained(trained: Trained, out: Path) -> None:
-    """``out``/model_split<s>.pt for every split, scores.csv and train_log.json."""
+    """``out``/model_split<s>.pt for every split, scores.csv, train_log.json and, for a head
+    with window scores, window_scores.npz."""
     out.mkdir(parents=True, exist_ok=True)
     for split, state in trained.states.items():
         torch.save(state, out / f"model_split{split}.pt")
     assert trained.scores is not None  # train_splits always sets it
     write_scores(out / "scores.csv", trained.scores)
+    if trained.windows is not None:
+        write_window_scores(out / WINDOW_SCORES, trained.windows)
     (out / "train_log.json").write_text(json.dumps(trained.log, indent=1))
 
 

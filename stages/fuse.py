@@ -1,13 +1,13 @@
-"""fuse: late fusion of each head's per-stream scores (sum, product, weighted, SVM), per split,
-on the test videos every stream has. Writes fused score tables `<head>-<method>/scores.csv`.
-The logic: pipeline/fusion.py (fuse_score_dir)."""
+"""fuse: late fusion of each head's per-stream scores (sum, product, weighted, SVM, learned), per
+split, on the test videos every stream has. Writes fused score tables `<head>-<method>/scores.csv`,
+svm_c.json and learned.json. The logic: pipeline/fusing.py (fuse_score_dir)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.config import FusionConfig, RunConfig
-from pipeline.fusion import fuse_score_dir
+from pipeline.fusing import fuse_score_dir
 
 
 def main(cfg: FusionConfig, run: RunConfig, *, scores: Path, out: Path) -> None:

@@ -3,17 +3,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import LinearSVC
 
+from pipeline import fusion_svm
 from pipeline.config import FusionConfig, RunConfig
-from pipeline.fusion import (
-    FUSIONS,
-    aligned,
-    fuse_score_dir,
-    fuse_scores,
-    fuse_tables,
-    svm_fuse,
+from pipeline.fusing import aligned, aligned_windows, fuse_score_dir, fuse_scores, fuse_tables
+from pipeline.fusion import FUSIONS
+from pipeline.fusion_svm import SvmRows, cv_splits, svm_cv, svm_features, svm_fuse, window_svm_fuse
+from pipeline.scores import (
+    ScoreTable,
+    WindowScores,
+    concat,
+    read_scores,
+    write_scores,
+    write_window_scores,
 )
-from pipeline.scores import ScoreTable, concat, read_scores, write_scores
 from stages import fuse as fuse_stage
 
 # Two videos, three classes. Video 0: sum picks class 0, product picks class 1 (rgb gives class 2
@@ -24,7 +29,7 @@ GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def test_fusions_tuple() -> None:
-    assert FUSIONS == ("sum", "product", "weighted", "svm")
+    assert FUSIONS == ("sum", "product", "weighted", "svm", "learned")
 
 
 def test_sum_by_hand() -> None:
@@ -279,3 +284,178 @@ def test_the_fuse_stage_names_a_missing_score_table_in_one_line(tmp_path: Path) 
             out=tmp_path / "fuse",
         )
     assert str(e.value).startswith("fuse: ") and "h-flow/scores.csv: no scores" in str(e.value)
+
+
+# -- per-recurrence SVM fusion (pipeline/fusion_svm.py window_svm_fuse, TSRNN sec. IV-C (a)) --
+
+# eq. 7 gains l/M of M = 3 windows, as float32 (window_scores.npz stores them so)
+GAINS = (np.arange(1, 4) / 3).astype(np.float32).astype(np.float64)
+
+
+def _window_streams(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """{stream: (n, 3, 3) window probabilities}: later windows carry more of the label."""
+    rng = np.random.default_rng(seed)
+    y = np.tile(np.arange(3), n // 3)
+    out = {}
+    for name in ("rgb", "flow"):
+        z = rng.normal(size=(n, 3, 3))
+        z += np.eye(3)[y][:, None, :] * np.array([0.3, 0.8, 1.5])[None, :, None]
+        out[name] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    return out, y
+
+
+def _hand_rows(streams: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, M, C) per stream -> (n * M, S * C) rows: video-major, streams sorted (flow, rgb),
+    each window's score vector L2-normalised."""
+    parts = [
+        streams[s] / np.linalg.norm(streams[s], axis=-1, keepdims=True) for s in ("flow", "rgb")
+    ]
+    x = np.concatenate(parts, axis=-1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _hand_decision(model: LinearSVC, streams: dict[str, np.ndarray]) -> np.ndarray:
+    d = model.decision_function(_hand_rows(streams)).reshape(-1, 3, 3)
+    return (d * GAINS[None, :, None]).sum(1) / GAINS.sum()
+
+
+def test_window_svm_is_one_linear_svc_on_the_video_window_rows() -> None:
+    train, y = _window_streams(60, seed=0)
+    test, _ = _window_streams(12, seed=1)
+    fused, c = window_svm_fuse(test, weights=GAINS, train=train, train_labels=y, c_grid=(1.0,))
+    ref = LinearSVC(C=1.0, random_state=0, max_iter=20_000).fit(_hand_rows(train), np.repeat(y, 3))
+    assert c == 1.0 and fused.shape == (12, 3)
+    np.testing.assert_allclose(fused, _hand_decision(ref, test), rtol=1e-10)
+
+
+def test_window_svm_chooses_c_by_folds_over_videos() -> None:
+    train, y = _window_streams(48, seed=2)
+    test, _ = _window_streams(6, seed=3)
+    grid = (1e-3, 0.1, 10.0)
+    fused, c = window_svm_fuse(
+        test, weights=GAINS, train=train, train_labels=y, c_grid=grid, folds=3, seed=0
+    )
+    cv = {}
+    for cc in grid:
+        accs = []
+        for tr, va in StratifiedKFold(3, shuffle=True, random_state=0).split(np.zeros(48), y):
+            part = {s: a[tr] for s, a in train.items()}
+            held = {s: a[va] for s, a in train.items()}
+            model = LinearSVC(C=cc, random_state=0, max_iter=20_000)
+            model.fit(_hand_rows(part), np.repeat(y[tr], 3))
+            accs.append(np.mean(_hand_decision(model, held).argmax(1) == y[va]))
+        cv[cc] = np.mean(accs)
+    best = min(cc for cc in grid if cv[cc] == max(cv.values()))
+    assert c == best
+    ref = LinearSVC(C=best, random_state=0, max_iter=20_000).fit(_hand_rows(train), np.repeat(y, 3))
+    np.testing.assert_allclose(fused, _hand_decision(ref, test), rtol=1e-10)
+
+
+def test_window_svm_errors_name_the_stream() -> None:
+    train, y = _window_streams(12, seed=4)
+    bad = {"rgb": train["rgb"], "flow": train["flow"][:, :2]}
+    with pytest.raises(ValueError, match="'flow'.*expected \\(N, 3, C\\)"):
+        window_svm_fuse(train, weights=GAINS, train=bad, train_labels=y)
+    with pytest.raises(ValueError, match="window weights"):
+        window_svm_fuse(train, weights=-GAINS, train=train, train_labels=y)
+
+
+def _windows_table(
+    streams: dict[str, np.ndarray], split: str, subset: str, ids: list[str], y: np.ndarray
+) -> dict[str, WindowScores]:
+    n = len(ids)
+    return {
+        s: WindowScores([split] * n, [subset] * n, ids, y, a, GAINS) for s, a in streams.items()
+    }
+
+
+def test_the_fuse_stage_uses_the_per_recurrence_svm_where_every_stream_has_windows(
+    tmp_path: Path,
+) -> None:
+    train, y = _window_streams(30, seed=5)
+    test, y_test = _window_streams(9, seed=6)
+    tr_ids, te_ids = [f"r{i:02d}" for i in range(30)], [f"t{i}" for i in range(9)]
+    root = tmp_path / "train"
+    for head in ("win", "plain"):
+        for s in ("rgb", "flow"):
+            video = {
+                k: (a * GAINS[None, :, None]).sum(1) / GAINS.sum()
+                for k, a in ((0, train[s]), (1, test[s]))
+            }
+            write_scores(
+                root / f"{head}-{s}" / "scores.csv",
+                concat(
+                    [
+                        _rows("1", "train", tr_ids, list(y), video[0]),
+                        _rows("1", "test", te_ids, list(y_test), video[1]),
+                    ]
+                ),
+            )
+            if head == "win":
+                w = [
+                    _windows_table(train, "1", "train", tr_ids, y)[s],
+                    _windows_table(test, "1", "test", te_ids, y_test)[s],
+                ]
+                write_window_scores(
+                    root / f"{head}-{s}" / "window_scores.npz",
+                    WindowScores(
+                        [*w[0].split, *w[1].split], [*w[0].subset, *w[1].subset],
+                        [*w[0].video_id, *w[1].video_id], np.concatenate([y, y_test]),
+                        np.concatenate([train[s], test[s]]).astype(np.float32), GAINS,
+                    ),
+                )  # fmt: skip
+    cfg = FusionConfig(methods=("sum", "svm", "learned"), svm_c=(1.0,), learn_kinds=("svm",))
+    fused = fuse_score_dir(
+        cfg=cfg, run=RunConfig(heads=("win", "plain")), scores=root, out=tmp_path / "fuse"
+    )
+    f32 = {s: a.astype(np.float32).astype(np.float64) for s, a in train.items()}
+    t32 = {s: a.astype(np.float32).astype(np.float64) for s, a in test.items()}
+    ref = LinearSVC(C=1.0, random_state=0, max_iter=20_000).fit(_hand_rows(f32), np.repeat(y, 3))
+    np.testing.assert_allclose(
+        fused.tables[("win", "svm")].scores, _hand_decision(ref, t32), rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        fused.tables[("win", "learned")].scores, _hand_decision(ref, t32), rtol=1e-9
+    )
+    assert fused.learned["win"]["1"]["svm_per_recurrence"] is True
+    assert fused.learned["plain"]["1"]["svm_per_recurrence"] is False
+    # the head without window files keeps the per-video SVM of its scores.csv
+    plain = {s: read_scores(root / f"plain-{s}" / "scores.csv") for s in ("rgb", "flow")}
+    _, tr_labels, tr_streams = aligned(plain, "1", "train")
+    _, _, te_streams = aligned(plain, "1", "test")
+    want, _ = svm_fuse(te_streams, train=tr_streams, train_labels=tr_labels, c_grid=(1.0,))
+    np.testing.assert_array_equal(fused.tables[("plain", "svm")].scores, want)
+    assert fused.svm_c == {"plain": {"1": 1.0}, "win": {"1": 1.0}}
+
+
+def test_window_scores_missing_a_video_of_scores_csv_is_an_error_naming_the_file() -> None:
+    train, y = _window_streams(6, seed=7)
+    ids = [f"v{i}" for i in range(6)]
+    windows = _windows_table(train, "1", "train", ids[:5], y[:5])
+    with pytest.raises(
+        ValueError,
+        match=r"h-flow/window_scores.npz: no train row of split 1 for 1 video\(s\) of scores.csv, e.g. v5",
+    ):
+        aligned_windows(windows, "1", "train", ids, "h")
+
+
+def test_svm_cross_validation_in_processes_gives_the_same_scores_and_c(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fusion_svm, "PARALLEL_MIN_SIZE", 0)  # processes even for tiny rows
+    # 40 videos, 20 classes x 2 streams = 40 features: liblinear's dual solver, which draws
+    # random numbers; each process seeds its own, so the fits are those of one process
+    rng = np.random.default_rng(9)
+    y = np.tile(np.arange(20), 2)
+    streams = {
+        s: _softmax(rng.normal(size=(40, 20)) + 2.0 * np.eye(20)[y]) for s in ("rgb", "flow")
+    }
+    rows = SvmRows.per_video(svm_features(streams))
+    splits = cv_splits(y, folds=2, seed=0)
+    one = svm_cv(rows, y, c_grid=GRID, splits=splits, seed=0, workers=1)
+    two = svm_cv(rows, y, c_grid=GRID, splits=splits, seed=0, workers=2)
+    assert one == two and len(one) == len(GRID)
+    a = svm_fuse(streams, train=streams, train_labels=y, c_grid=GRID, folds=2, workers=2)
+    b = svm_fuse(streams, train=streams, train_labels=y, c_grid=GRID, folds=2, workers=1)
+    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[0], b[0])

@@ -239,3 +239,107 @@ def test_the_stage_turns_an_empty_split_into_one_line_and_writes_nothing(tmp_pat
         )
     assert str(e.value) == "train: split 1 has 8 train and 0 test videos with features"
     assert not (tmp_path / "out").exists()
+
+
+# -- heads that score each pooling window (window_scores, TSRNN) ------------------------------
+
+
+class _WindowHead(torch.nn.Module):
+    """A tiny head with TSRNN's window contract: two windows (steps 0-2 and 3-4) each scored by
+    one linear layer on its mean feature; eq. 8 gains l/M = (0.5, 1); forward gives the log of
+    the gain-weighted mean of the window probabilities."""
+
+    def __init__(self, *, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(in_dim, num_classes)
+
+    def window_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means = torch.stack([x[:, :3].mean(1), x[:, 3:].mean(1)], dim=1)  # (B, 2, D)
+        return self.fc(means).softmax(-1), torch.tensor([0.5, 1.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, w = self.window_scores(x)
+        return ((p * w[:, None]).sum(1) / w.sum()).log()
+
+
+def _by_hand(state: dict, x: np.ndarray) -> np.ndarray:
+    """numpy reference of _WindowHead.window_scores: x (N, 5, D) -> (N, 2, C)."""
+    w, b = state["fc.weight"].numpy(), state["fc.bias"].numpy()
+    logits = np.stack([x[:, :3].mean(1), x[:, 3:].mean(1)], axis=1) @ w.T + b
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture
+def window_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_splits builds _WindowHead (not registered: the registry's parametrized tests
+    would pick it up)."""
+    from pipeline import training
+
+    monkeypatch.setattr(training, "build_head", lambda head, **kw: _WindowHead(**kw))
+
+
+@pytest.mark.parametrize("oof", [2, 0])
+def test_a_window_head_gives_window_scores_of_the_same_rows_and_models(
+    window_head: None, oof: int
+) -> None:
+    m = _manifest()
+    feats = _features(m)
+    t = _train(m, feats, oof=oof)
+    w = t.windows
+    assert w is not None
+    assert (w.split, w.subset, w.video_id) == (t.scores.split, t.scores.subset, t.scores.video_id)
+    np.testing.assert_array_equal(w.label, t.scores.label)
+    assert w.scores.shape == (len(w.video_id), 2, 2) and w.weights.tolist() == [0.5, 1.0]
+    # eq. 8: the gain-weighted mean of the windows is the video's score, on the test rows (the
+    # split's model) and on the train rows (out of fold: the same fold models made both)
+    mean = (w.scores * w.weights[:, None]).sum(1) / w.weights.sum()
+    np.testing.assert_allclose(mean, t.scores.scores, rtol=1e-5)
+    for split in ("1", "2"):
+        for part in ("test", "train"):
+            rows = w.select(split=split, subset=part)
+            x = np.stack([feats.videos[v][0] for v in rows.video_id])
+            hand = _by_hand(t.states[split], x)
+            if part == "test" or oof == 0:  # the split's own model
+                np.testing.assert_allclose(rows.scores, hand, rtol=1e-5, atol=1e-7)
+            else:  # held out: models that did not see the video
+                assert np.abs(rows.scores - hand).max() > 1e-3
+
+
+def test_window_scores_of_views_are_the_mean_of_the_views(window_head: None) -> None:
+    m = _manifest(("1",))
+    feats = _features(m, views=True)
+    t = _train(m, feats)
+    test = t.windows.select(split="1", subset="test")
+    for vid, got in zip(test.video_id, test.scores, strict=True):
+        want = _by_hand(t.states["1"], np.stack(feats.videos[vid])).mean(0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_train_head_writes_window_scores_byte_identical_on_a_rerun(
+    tmp_path: Path, window_head: None
+) -> None:
+    from pipeline.scores import read_window_scores
+
+    m = _manifest()
+    write_manifest(m, tmp_path / "manifest.csv")
+    features = [_cache_dir(tmp_path, m)]
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        t = train_head(
+            head="fake",
+            stream="rgb",
+            head_params=HP,
+            cfg=TrainConfig(oof_folds=2, threads=1),
+            features=features,
+            manifest=tmp_path / "manifest.csv",
+            out=out,
+        )
+        runs.append((out / "window_scores.npz").read_bytes())
+    assert runs[0] == runs[1]  # no time stamp in the file: it is part of a DVC output
+    back = read_window_scores(out / "window_scores.npz")
+    assert back.video_id == t.windows.video_id and back.subset == t.windows.subset
+    assert back.split == t.windows.split
+    np.testing.assert_array_equal(back.scores, t.windows.scores)
+    np.testing.assert_array_equal(back.weights, [0.5, 1.0])
