@@ -3,6 +3,7 @@
 #   bash scripts/run.sh repro [dvc repro args]   create .venv if absent, run the DVC pipeline
 #   bash scripts/run.sh test  [pytest args]      create .venv if absent, run the whole test suite (CI)
 #   bash scripts/run.sh quick [pytest args]      the same without tests marked slow (under a minute)
+#   bash scripts/run.sh preset NAME [exp args]   dvc exp run with presets/NAME.yaml (a paper's setup)
 # The venv is (re)built when pyproject.toml or constraints.txt change.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,8 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=${1:-}
 shift || true
 case "$what" in
-  repro|test|quick) ;;
-  *) echo "usage: bash scripts/run.sh repro|test|quick [args...]" >&2; exit 2 ;;
+  repro|test|quick|preset) ;;
+  *) echo "usage: bash scripts/run.sh repro|test|quick|preset [args...]" >&2; exit 2 ;;
 esac
 
 py=${PYTHON:-}
@@ -38,6 +39,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 if [ "$what" = repro ]; then
   exec dvc repro "$@"
+fi
+if [ "$what" = preset ]; then
+  exec python scripts/preset.py "$@"
 fi
 if [ "$what" = quick ]; then
   exec python -m pytest -m "not slow" "$@"

@@ -70,7 +70,7 @@ def test_repro_produces_metrics_for_every_head_stream_and_fusion(project: Path) 
     assert set(m["streams"]) == {"mean_pool", "lstm"}
     for head in ("mean_pool", "lstm"):
         assert set(m["streams"][head]) == {"rgb", "flow"}
-        assert set(m["fusion"][head]) == {"sum", "product", "weighted", "svm"}
+        assert set(m["fusion"][head]) == {"sum", "product", "weighted", "svm", "learned"}
         for acc in [*m["streams"][head].values(), *m["fusion"][head].values()]:
             assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0 and acc["n"] == 6
     assert (project / "data/evaluate/confusion.png").stat().st_size > 1000
