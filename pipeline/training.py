@@ -27,6 +27,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.datasets import read_manifest
 from pipeline.engine import (
+    EpochLog,
     Rows,
     as_rows,
     fit,
@@ -167,6 +168,7 @@ def train_splits(
         t0 = time.perf_counter()
         seed_everything(cfg.seed)
         model = make()
+        epochs: list[EpochLog] = []
         losses = fit(
             model,
             x["train"],
@@ -174,6 +176,7 @@ def train_splits(
             settings,
             seed=cfg.seed,
             desc=f"{head}/{stream} split {split}",
+            on_epoch=epochs.append,
         )
         out.states[split] = model.state_dict()
         test_scores, report = predict_report(model, x["test"])
@@ -235,6 +238,9 @@ def train_splits(
             "test_top1": acc,
             "loss_first": losses[0],
             "loss_last": losses[-1],
+            # the learning rate each epoch ran at, as the loop applied it (schedule, warm-up,
+            # phases; pretraining left out: it runs at a constant pretrain_lr)
+            "lr": [[e.stage, e.lr] for e in epochs if e.stage != "pretrain"],
             # no seconds here: train_log.json is in the stage's DVC output, whose hash must
             # depend on inputs and params only, or every re-run would re-run fuse and evaluate.
             # The time is in the log line above.

@@ -343,3 +343,21 @@ def test_train_head_writes_window_scores_byte_identical_on_a_rerun(
     assert back.split == t.windows.split
     np.testing.assert_array_equal(back.scores, t.windows.scores)
     np.testing.assert_array_equal(back.weights, [0.5, 1.0])
+
+
+def test_the_log_records_the_learning_rate_of_every_epoch_as_the_schedule_gives_it() -> None:
+    """lr halved every 2 epochs (step schedule) -> the log holds 1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3."""
+    m = _manifest()
+    params = {**HP, "lr": 0.01, "epochs": 5, "schedule": "step", "step_size": 2, "gamma": 0.5}
+    t = train_splits(
+        head="mean_pool",
+        stream="rgb",
+        head_params=params,
+        cfg=TrainConfig(oof_folds=0, threads=1),
+        feats=_features(m),
+        manifest=m,
+    )
+    for split in ("1", "2"):
+        got = t.log["splits"][split]["lr"]
+        assert [stage for stage, _ in got] == ["train"] * 5
+        np.testing.assert_allclose([lr for _, lr in got], [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3])
