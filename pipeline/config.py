@@ -411,6 +411,8 @@ HEAD_TRAINING: dict[str, Any] = {
     "group_lr": dict[str, Positive],  # {a group of the head's param_groups(): its lr}
     "pretrain_epochs": Annotated[int, Range(ge=0)],
     "pretrain_lr": Positive | None,  # None = lr
+    "pretrain_optimizer": Optimizer | None,  # None = optimizer
+    "pretrain_batch_size": Count | None,  # None = batch_size
 }
 
 
@@ -465,8 +467,9 @@ class EvaluateConfig(_Checked):
 @dataclass(frozen=True)
 class Params(_Checked):
     """The whole params.yaml (a section it leaves out takes its defaults). ``heads`` holds each
-    head's section with its training settings checked and converted (HEAD_TRAINING); the
-    constructor arguments are checked by ``head_section``. The rules between sections are
+    head's section with its training settings checked and converted (HEAD_TRAINING); ``joint``
+    each head's settings for the joint (rgb+flow) train stage, over its ``heads`` section; the
+    constructor arguments of both are checked by ``head_section``. The rules between sections are
     ``check_params``'s."""
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -477,6 +480,7 @@ class Params(_Checked):
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    joint: dict[str, dict[str, Any]] = field(default_factory=dict)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -490,6 +494,19 @@ def _between_sections(p: Params, given: Collection[str]) -> Iterator[tuple[str, 
             for h in getattr(p.run, key):
                 if h not in p.heads:
                     yield f"run.{key}", f"'{h}' has no section heads.{h}"
+    if "joint" in given and "heads" in given:
+        for h in p.joint:
+            if h not in p.heads:
+                yield f"joint.{h}", f"'{h}' has no section heads.{h} for these settings to change"
+    if "run" in given:
+        for h in p.run.joint_heads:
+            if h not in p.joint:
+                # dvc.yaml's train_joint stage lists joint.<head> under params: DVC stops on a
+                # listed key that params.yaml does not have
+                yield (
+                    "run.joint_heads",
+                    f"'{h}' has no section joint.{h} (write joint: {{{h}: {{}}}})",
+                )
     if "features" in given and "decode" in given:
         short = p.decode.short_side
         for stream in typing.get_args(Stream):
@@ -572,8 +589,9 @@ def load_params(path: Path) -> dict[str, Any]:
     settings converted (a float written as a string arrives as a float)."""
     data = read_params(path)
     checked = check_params(data, source=str(path))
-    if "heads" in data:
-        data = {**data, "heads": checked.heads}
+    for name in ("heads", "joint"):
+        if name in data:
+            data = {**data, name: getattr(checked, name)}
     return data
 
 
@@ -588,7 +606,9 @@ def check_params(data: Mapping[str, Any], *, source: str = "params.yaml") -> Par
             raise ConfigError(f"{source}: unknown section '{name}' (known: {known})")
         where = f"{source}:{name}"
         sections[name] = (
-            _heads(value, where) if name == "heads" else build(hints[name], value, where=where)
+            _heads(value, where)
+            if name in ("heads", "joint")
+            else build(hints[name], value, where=where)
         )
     params = Params(**sections)
     for key, reason in _between_sections(params, given=sections.keys()):
@@ -597,7 +617,8 @@ def check_params(data: Mapping[str, Any], *, source: str = "params.yaml") -> Par
 
 
 def _heads(data: Any, where: str) -> dict[str, dict[str, Any]]:
-    """heads: {name: section}, each section's training settings checked and converted."""
+    """heads (or joint): {name: section}, each section's training settings checked and
+    converted."""
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -631,17 +652,35 @@ def section(
 
 
 def head_section(
-    params: Mapping[str, Any], name: str, head: type, *, source: str = "params.yaml"
+    params: Mapping[str, Any],
+    name: str,
+    head: type,
+    *,
+    source: str = "params.yaml",
+    joint: bool = False,
 ) -> dict[str, Any]:
     """``heads.<name>`` checked against ``head``, the head's class
     (``pipeline.heads.get_head_class(name)``, passed in so that this module imports no head):
     each key is one of its constructor's keyword arguments (``in_dim`` and ``num_classes`` are
     the train stage's), of the type its annotation gives, or a training setting
     (HEAD_TRAINING) -> the section with its values converted, what
-    ``pipeline.engine.split_head_params`` takes."""
-    node = _walk(params, f"heads.{name}", source)
+    ``pipeline.engine.split_head_params`` takes.
+
+    ``joint``: the settings of the joint (rgb+flow) train stage: ``joint.<name>``, checked the
+    same way, replaces those keys of ``heads.<name>`` (settings only two streams allow, such as
+    res_lstm's mid fusion, or widths for the wider input). A missing ``joint.<name>`` changes
+    nothing."""
+    out = _head_keys(params, f"heads.{name}", head, source)
+    if joint and isinstance(params.get("joint"), Mapping) and name in params["joint"]:
+        out.update(_head_keys(params, f"joint.{name}", head, source))
+    return out
+
+
+def _head_keys(params: Mapping[str, Any], dotted: str, head: type, source: str) -> dict[str, Any]:
+    """The section ``dotted`` (heads.<name> or joint.<name>) checked against ``head``."""
+    node = _walk(params, dotted, source)
     node = {} if node is None else node
-    where = f"{source}:heads.{name}"
+    where = f"{source}:{dotted}"
     if not isinstance(node, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {node!r}")
     arguments = _constructor_arguments(head)

@@ -242,7 +242,7 @@ def fit(
     an array and Rows holding the same values.
 
     Order: the head's ``prepare``; ``pretrain_epochs`` of its ``pretrain_loss`` (constant
-    ``pretrain_lr``, every parameter); then the supervised epochs: one phase training every
+    ``pretrain_lr``, every parameter, ``TrainSettings.pretraining``); then the supervised epochs: one phase training every
     parameter on ``head_loss``, or the head's ``phases()``, each with a fresh optimiser and
     schedule over its own parameters. ``on_epoch``: called after every epoch (pretraining too)."""
     seed_everything(seed)
@@ -259,12 +259,13 @@ def fit(
     if s.pretrain_epochs and pretrain is None:
         raise ValueError(f"{type(model).__name__} has no pretrain_loss; set pretrain_epochs: 0")
     if s.pretrain_epochs:
-        lr = s.pretrain_lr or s.lr
-        opt = build_optimizer(model, model.parameters(), s, lr=lr, group_lr={})
+        ps = s.pretraining()
+        lr = ps.lr
+        opt = build_optimizer(model, model.parameters(), ps)
         losses = _epochs(
             model,
             opt,
-            s,
+            ps,
             [1.0] * s.pretrain_epochs,
             gen,
             rows,

@@ -21,7 +21,8 @@ the floor of ``lr`` itself and a group falls to the same fraction of its own rat
 training (a head's ``phases()``) restarts the schedule in each phase, over that phase's epochs.
 Pretraining (``pretrain_epochs``) runs at a constant ``pretrain_lr`` over every parameter, with
 no schedule, warm-up or group rates: it is a different objective (RTSAE's autoencoder), which
-the papers train at one fixed rate.
+the papers train at one fixed rate, with its own optimiser and batch size where the paper gives
+them (``pretrain_optimizer``, ``pretrain_batch_size``; RTSAE: Adadelta, batch 32).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class TrainSettings:
     group_lr: dict[str, float] = field(default_factory=dict)  # {head's param group: its lr}
     pretrain_epochs: int = 0  # epochs of the head's pretrain_loss before supervised training
     pretrain_lr: float | None = None  # None = lr
+    pretrain_optimizer: str | None = None  # None = optimizer (RTSAE: Adadelta in stage 2)
+    pretrain_batch_size: int | None = None  # None = batch_size
 
     def __post_init__(self) -> None:
         for key, reason in self._rules():
@@ -72,15 +75,21 @@ class TrainSettings:
             yield "optimizer", f"unknown {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
         if self.schedule not in SCHEDULES:
             yield "schedule", f"unknown {self.schedule!r} (choose from {', '.join(SCHEDULES)})"
-        # a key the chosen optimiser or schedule would ignore is refused, not silently dropped
-        if self.momentum is not None and self.optimizer not in ("sgd", "rmsprop"):
-            yield "momentum", f"only sgd and rmsprop take a momentum, not {self.optimizer}"
-        if self.nesterov and self.optimizer != "sgd":
-            yield "nesterov", f"only sgd has Nesterov momentum, not {self.optimizer}"
+        if self.pretrain_optimizer is not None and self.pretrain_optimizer not in OPTIMIZERS:
+            yield "pretrain_optimizer", f"unknown {self.pretrain_optimizer!r}"
+        # a key the chosen optimiser(s) or schedule would ignore is refused, not silently
+        # dropped; with a pretrain_optimizer, an optimiser's own key (momentum, rho) goes to
+        # whichever of the two takes it
+        used = " or ".join(dict.fromkeys(self._optimizers))
+        if self.momentum is not None and not {"sgd", "rmsprop"} & set(self._optimizers):
+            yield "momentum", f"only sgd and rmsprop take a momentum, not {used}"
+        if self.nesterov and "sgd" not in self._optimizers:
+            yield "nesterov", f"only sgd has Nesterov momentum, not {used}"
         if self.nesterov and not self.momentum_used:
             yield "nesterov", "needs momentum > 0, got 0"
-        if self.rho is not None and self.optimizer != "adadelta":
-            yield "rho", f"only adadelta takes rho, not {self.optimizer}"
+        if self.rho is not None and "adadelta" not in self._optimizers:
+            yield "rho", f"only adadelta takes rho, not {used}"
+        # pretrain_* keys with pretrain_epochs 0 are allowed: -S pretrain_epochs=0 is an ablation
         uses = {
             "step_size": ("step",),
             "gamma": ("step", "multistep"),
@@ -102,6 +111,31 @@ class TrainSettings:
             yield "min_lr", f"must be <= lr ({self.lr:g}), got {self.min_lr:g}"
         if self.warmup_epochs >= self.epochs:
             yield "warmup_epochs", f"must be < epochs ({self.epochs}), got {self.warmup_epochs}"
+
+    @property
+    def _optimizers(self) -> tuple[str, ...]:
+        """The optimisers this run uses: the supervised one, and the pretraining one if set."""
+        if self.pretrain_epochs and self.pretrain_optimizer is not None:
+            return (self.optimizer, self.pretrain_optimizer)
+        return (self.optimizer,)
+
+    def pretraining(self) -> TrainSettings:
+        """The settings pretraining runs with: ``pretrain_optimizer`` (its own keys among
+        momentum, nesterov and rho; torch's defaults for the others), ``pretrain_lr``,
+        ``pretrain_batch_size``, a constant rate over every parameter (no schedule, warm-up
+        or group rates)."""
+        opt = self.pretrain_optimizer or self.optimizer
+        return TrainSettings(
+            optimizer=opt,
+            lr=self.pretrain_lr or self.lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum if opt in ("sgd", "rmsprop") else None,
+            nesterov=self.nesterov and opt == "sgd",
+            rho=self.rho if opt == "adadelta" else None,
+            epochs=self.pretrain_epochs,
+            batch_size=self.pretrain_batch_size or self.batch_size,
+            grad_clip=self.grad_clip,
+        )
 
     @property
     def momentum_used(self) -> float:

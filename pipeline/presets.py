@@ -109,6 +109,7 @@ def check_preset(
     section, and every head section against its head's constructor and training keys) or
     does not hold the preset's values."""
     from pipeline.config import check_params, head_section
+    from pipeline.engine import split_head_params
     from pipeline.heads import get_head_class
 
     preset = read_preset(path)
@@ -116,8 +117,14 @@ def check_preset(
     source = f"{path} over params.yaml"
     try:
         checked = check_params(result, source=source)
+        # each train stage's settings as it will take them: the head's constructor arguments,
+        # and the rules between training keys (a step schedule without step_size), which the
+        # stage would otherwise find only when it starts training
         for name in checked.heads:
-            head_section(result, name, get_head_class(name), source=source)
+            for joint in (False, True) if name in checked.joint else (False,):
+                section = "joint" if joint else "heads"
+                hp = head_section(result, name, get_head_class(name), source=source, joint=joint)
+                split_head_params(hp, where=f"{source}:{section}.{name}")
     except (ConfigError, KeyError) as e:
         raise PresetError(str(e)) from None
     for dotted, value in leaves(preset, params):

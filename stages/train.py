@@ -86,7 +86,9 @@ if __name__ == "__main__":
     except KeyError as e:  # its message lists the heads there are
         raise SystemExit(f"train: {e.args[0]}") from None
     try:
-        hp = head_section(params, args.head, head, source=str(args.params))
+        # joint.<head> changes heads.<head> for the stage on two streams or more
+        joint = "+" in args.stream
+        hp = head_section(params, args.head, head, source=str(args.params), joint=joint)
     except ConfigError as e:
         raise SystemExit(f"train: {e}") from None
     main(

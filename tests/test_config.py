@@ -125,7 +125,7 @@ def test_an_unknown_top_level_section_is_refused_naming_the_file(tmp_path: Path)
         load_params(path)
     assert str(e.value) == (
         f"{path}: unknown section 'decodee' (known: run, dataset, decode, flow, cache, features, "
-        "train, heads, fusion, evaluate)"
+        "train, heads, joint, fusion, evaluate)"
     )
 
 
@@ -293,7 +293,8 @@ def test_an_unknown_head_key_names_the_heads_arguments(params: dict) -> None:
     assert str(e.value) == (
         "params.yaml:heads.lstm: unknown key 'hiden' (known: batch_size, dropout, epochs, "
         "gamma, grad_clip, group_lr, hidden, layers, lr, milestones, min_lr, momentum, nesterov, "
-        "optimizer, pretrain_epochs, pretrain_lr, rho, schedule, step_size, warmup_epochs, "
+        "optimizer, pretrain_batch_size, pretrain_epochs, pretrain_lr, pretrain_optimizer, rho, "
+        "schedule, step_size, warmup_epochs, "
         "weight_decay)"
     )
 

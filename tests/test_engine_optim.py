@@ -261,6 +261,46 @@ def test_pretraining_runs_at_a_constant_pretrain_lr() -> None:
     ]
 
 
+def test_pretraining_takes_its_own_optimizer_batch_size_and_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RTSAE (paper 003): Adadelta (rho 0.95) at batch 32 for the autoencoder, then SGD with
+    momentum 0.9 at batch 16: each optimiser gets the keys it takes, each stage its batch."""
+    made: list[torch.optim.Optimizer] = []
+    real = engine.build_optimizer
+
+    def spy(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(engine, "build_optimizer", spy)
+    sizes: list[tuple[str, int]] = []
+
+    class Pre(_Pool):
+        def pretrain_loss(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(("pretrain", len(x)))
+            return self.fc(x.mean(dim=1)).pow(2).mean()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(("train", len(x)))
+            return super().forward(x)
+
+    s = TrainSettings(
+        optimizer="sgd", momentum=0.9, lr=1e-3, epochs=1, batch_size=2, rho=0.95,
+        pretrain_epochs=1, pretrain_optimizer="adadelta", pretrain_lr=1.0, pretrain_batch_size=8,
+    )  # fmt: skip
+    x, y = _data()
+    fit(Pre(), x, y, s, seed=0)
+    assert [type(o).__name__ for o in made] == ["Adadelta", "SGD"]
+    pre, sup = made[0].param_groups[0], made[1].param_groups[0]
+    assert (pre["rho"], pre["lr"]) == (0.95, 1.0)
+    assert (sup["momentum"], sup["lr"]) == (0.9, 1e-3)
+    assert sizes == [("pretrain", 8)] + [("train", 2)] * 4
+    # rho with neither optimiser adadelta is refused, as before
+    with pytest.raises(ValueError, match="rho"):
+        TrainSettings(optimizer="sgd", rho=0.95, pretrain_epochs=1, pretrain_optimizer="adam")
+
+
 # -- per-group learning rates -------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _tiny_params(p: dict) -> dict:
-    p["run"].update(heads=["mean_pool", "lstm"], joint_heads=[])
+    p["run"].update(heads=["mean_pool", "lstm"], joint_heads=["mean_pool"])
     p["dataset"]["demo"].update(videos_per_class=4, frames=12, size=32)
     p["dataset"]["probe_workers"] = 1
     p["decode"].update(num_frames=8, flow_pairs=2, short_side=32, workers=1)
@@ -69,7 +69,8 @@ def test_repro_produces_metrics_for_every_head_stream_and_fusion(project: Path) 
     m = json.loads((project / "data/evaluate/metrics.json").read_text())
     assert set(m["streams"]) == {"mean_pool", "lstm"}
     for head in ("mean_pool", "lstm"):
-        assert set(m["streams"][head]) == {"rgb", "flow"}
+        joint = {"rgb+flow"} if head == "mean_pool" else set()
+        assert set(m["streams"][head]) == {"rgb", "flow", *joint}
         assert set(m["fusion"][head]) == {"sum", "product", "weighted", "svm", "learned"}
         for acc in [*m["streams"][head].values(), *m["fusion"][head].values()]:
             assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0 and acc["n"] == 6
@@ -94,6 +95,18 @@ def test_head_param_change_reruns_only_that_head(project: Path) -> None:
     assert {"train@lstm-rgb", "train@lstm-flow"} <= changed
     assert changed <= {"train@lstm-rgb", "train@lstm-flow", "fuse", "evaluate"}
     _run(["git", "checkout", "params.yaml"], project)
+    assert _status(project) == set()
+
+
+def test_a_joint_setting_reruns_only_the_joint_stage(project: Path) -> None:
+    """joint.<head> is the joint stage's: the same head's per-stream stages stay up to date."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["joint"]["mean_pool"] = {"dropout": 0.25}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert _status(project) == {"train_joint@mean_pool"}
+    finally:
+        _run(["git", "checkout", "params.yaml"], project)
     assert _status(project) == set()
 
 

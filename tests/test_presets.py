@@ -177,3 +177,26 @@ def test_preset_files_are_yaml_mappings_of_sections() -> None:
     for path in PRESETS:
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict) and "run" in data, path.name
+
+
+def test_training_keys_that_contradict_each_other_are_refused_before_the_run(
+    tmp_path: Path,
+) -> None:
+    """A step schedule without its step size fails at check time, naming the preset and key,
+    not when the train stage reaches it after the features are extracted."""
+    params = read_params(ROOT / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("heads:\n  tsrnn:\n    schedule: step\n")
+    with pytest.raises(PresetError, match=r"bad\.yaml.*heads\.tsrnn\.step_size"):
+        check_preset(bad, params)
+
+
+def test_a_joint_section_is_checked_against_its_head(tmp_path: Path) -> None:
+    params = read_params(ROOT / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("joint:\n  res_lstm:\n    fusoin: sum\n")
+    with pytest.raises(PresetError, match=r"bad\.yaml.*joint\.res_lstm.*unknown key 'fusoin'"):
+        check_preset(bad, params)
+    bad.write_text("joint:\n  res_lstm:\n    fusion: mean\n")
+    with pytest.raises(PresetError, match=r"joint\.res_lstm\.fusion"):
+        check_preset(bad, params)
