@@ -241,9 +241,11 @@ def train_splits(
             "test_top1": acc,
             "loss_first": losses[0],
             "loss_last": losses[-1],
-            # the learning rate each epoch ran at, as the loop applied it (schedule, warm-up,
-            # phases; pretraining left out: it runs at a constant pretrain_lr)
-            "lr": [[e.stage, e.lr] for e in epochs if e.stage != "pretrain"],
+            # every epoch as the loop ran it (pretraining and phases included): its stage,
+            # learning rate (schedule, warm-up) and mean training loss; the training curves
+            "epochs": [
+                {"stage": e.stage, "epoch": e.epoch, "lr": e.lr, "loss": e.loss} for e in epochs
+            ],
             # no seconds here: train_log.json is in the stage's DVC output, whose hash must
             # depend on inputs and params only, or every re-run would re-run fuse and evaluate.
             # The time is in the log line above.

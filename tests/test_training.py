@@ -358,6 +358,10 @@ def test_the_log_records_the_learning_rate_of_every_epoch_as_the_schedule_gives_
         manifest=m,
     )
     for split in ("1", "2"):
-        got = t.log["splits"][split]["lr"]
-        assert [stage for stage, _ in got] == ["train"] * 5
-        np.testing.assert_allclose([lr for _, lr in got], [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3])
+        got = t.log["splits"][split]["epochs"]
+        assert [(e["stage"], e["epoch"]) for e in got] == [("train", i) for i in range(5)]
+        np.testing.assert_allclose([e["lr"] for e in got], [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3])
+        # each epoch's mean loss, the first and last of which the log also gives
+        loss = [e["loss"] for e in got]
+        assert loss[0] == t.log["splits"][split]["loss_first"]
+        assert loss[-1] == t.log["splits"][split]["loss_last"]
