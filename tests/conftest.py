@@ -165,3 +165,12 @@ def assert_close_rel(got, want, rtol: float = 1e-4) -> None:  # noqa: ANN001
     scale = want.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project with its DAG reproduced (tests/dvc_project.py), built once per session;
+    never change it: take a copy (``dvc_project.copy_project``)."""
+    from dvc_project import build_project
+
+    return build_project(tmp_path_factory.mktemp("tiny_repro") / "proj")

@@ -4,65 +4,25 @@ re-runs that head's training (and fusion/evaluation), never the extraction."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_project import copy_project, run
 
-ROOT = Path(__file__).resolve().parents[1]
 EXTRACTION = ("prepare", "decode", "flow", "features@rgb", "features@flow")
 
 pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("DVC_NO_ANALYTICS", None)
-    env["DVC_NO_ANALYTICS"] = "1"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc
-
-
-def _tiny_params(p: dict) -> dict:
-    p["run"].update(heads=["mean_pool", "lstm"], joint_heads=["mean_pool"])
-    p["dataset"]["demo"].update(videos_per_class=4, frames=12, size=32)
-    p["dataset"]["probe_workers"] = 1
-    p["decode"].update(num_frames=8, flow_pairs=2, short_side=32, workers=1)
-    p["flow"].update(algorithm="farneback", workers=1)
-    for s in ("rgb", "flow"):
-        p["features"][s].update(backbone="resnet18", weights="none", crop=32, threads=1)
-    p["train"].update(oof_folds=2, threads=1)
-    for h in p["heads"].values():
-        h["epochs"] = 3
-    p["heads"]["lstm"]["hidden"] = 16
-    p["fusion"]["svm_folds"] = 2
-    return p
+    return run(args, cwd)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    proj = tmp_path_factory.mktemp("proj")
-    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore"):
-        shutil.copy(ROOT / name, proj / name)
-    for pkg in ("pipeline", "stages"):
-        shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    params = _tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], proj)
-    _run(["git", "config", "user.email", "t@t.invalid"], proj)
-    _run(["git", "config", "user.name", "t"], proj)
-    _run(["dvc", "init", "-q"], proj)
-    _run(["dvc", "repro"], proj)
-    _run(["git", "add", "-A"], proj)
-    _run(["git", "commit", "-qm", "tiny"], proj)
-    return proj
+def project(tiny_repro: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_project(tiny_repro, tmp_path_factory.mktemp("proj") / "proj")
 
 
 def test_repro_produces_metrics_for_every_head_stream_and_fusion(project: Path) -> None:
