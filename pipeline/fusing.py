@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FusionConfig, RunConfig
-from pipeline.fusion import FUSIONS, product_fuse, sum_fuse, weighted_fuse
-from pipeline.fusion_learn import learned_fuse
+from pipeline.fusion import FUSIONS, check_streams, product_fuse, sum_fuse, weighted_fuse
+from pipeline.fusion_learn import Learned, learned_fuse
+from pipeline.fusion_saved import FILE as FUSION_FILE
+from pipeline.fusion_saved import fixed_spec, learned_spec, svm_spec, write_fusion
 from pipeline.fusion_svm import (
+    SvmFit,
     SvmRows,
     check_svm_settings,
     check_windows,
     cv_splits,
-    fit_svm_rows,
+    select_svm,
     svm_cv,
     svm_features,
     svm_fuse,
@@ -130,11 +133,15 @@ def aligned_windows(
 class Fused:
     """The fuse stage's result. tables: {(head, method): test rows of every split common to
     the head's streams, scores (N, C)}; svm_c: {head: {split: the C cross-validation chose}};
-    learned: {head: {split: the learned fusion's choice, Learned.as_json()}}."""
+    learned: {head: {split: the learned fusion's choice, Learned.as_json()}}; fitted: {(head,
+    method): {split: what was applied, to apply it again (pipeline/fusion_saved.py)}};
+    streams: {head: its fused streams}."""
 
     tables: dict[tuple[str, str], ScoreTable] = field(default_factory=dict)
     svm_c: dict[str, dict[str, float]] = field(default_factory=dict)
     learned: dict[str, dict[str, dict]] = field(default_factory=dict)
+    fitted: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
+    streams: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Split:
@@ -179,42 +186,34 @@ class _Split:
             )
         return self._cv
 
-    def svm(self) -> tuple[np.ndarray, float]:
+    def svm(self) -> tuple[np.ndarray, SvmFit]:
         """The svm method: as svm_fuse (no cross-validation for a single C unless the learned
-        fusion needs it anyway), on per-recurrence rows for a head with window scores."""
+        fusion needs it anyway), on per-recurrence rows for a head with window scores ->
+        (decision values (N, C), the SVM fitted)."""
         need_cv = len(set(self.cfg.svm_c)) > 1 or self._learns_svm()
-        if not self.windows:
-            fused, c = svm_fuse(
-                self.test,
-                train=self.train,
-                train_labels=self.train_labels,
-                c_grid=self.cfg.svm_c,
-                folds=self.cfg.svm_folds,
-                seed=self.cfg.seed,
-                cv=self.svm_cv() if need_cv else None,
-            )
-        else:
-            num_classes = next(iter(self.test.values())).shape[1]
-            check_svm_settings(
-                self.train_labels,
-                m=len(self.train_labels),
-                num_classes=num_classes,
-                c_grid=self.cfg.svm_c,
-                folds=self.cfg.svm_folds,
-            )
-            fused, c = fit_svm_rows(
-                self.rows[1],
-                train=self.rows[0],
-                y=self.train_labels,
-                num_classes=num_classes,
-                c_grid=self.cfg.svm_c,
-                folds=self.cfg.svm_folds,
-                seed=self.cfg.seed,
-                cv=self.svm_cv() if need_cv else None,
-            )
+        num_classes = next(iter(self.test.values())).shape[1]
+        if not self.windows:  # svm_fuse's checks of the scores
+            check_streams(self.test, what="svm fusion (test)")
+            check_streams(self.train, what="svm fusion (train)", num_classes=num_classes)
+        check_svm_settings(
+            self.train_labels,
+            m=len(self.train_labels),
+            num_classes=num_classes,
+            c_grid=self.cfg.svm_c,
+            folds=self.cfg.svm_folds,
+        )
+        fit = select_svm(
+            train=self.rows[0],
+            y=self.train_labels,
+            num_classes=num_classes,
+            c_grid=self.cfg.svm_c,
+            folds=self.cfg.svm_folds,
+            seed=self.cfg.seed,
+            cv=self.svm_cv() if need_cv else None,
+        )
         if need_cv:
-            self._warn_if_a_stream_beats_the_svm(c)
-        return fused, c
+            self._warn_if_a_stream_beats_the_svm(fit.c)
+        return fit.decision(self.rows[1]), fit
 
     def _warn_if_a_stream_beats_the_svm(self, c: float) -> None:
         """The svm method is the paper's and is kept as it is; when a single stream beat it on
@@ -238,7 +237,7 @@ class _Split:
     def _learns_svm(self) -> bool:
         return "learned" in self.cfg.methods and "svm" in self.cfg.learn_kinds
 
-    def learned(self) -> tuple[np.ndarray, dict]:
+    def learned(self) -> tuple[np.ndarray, Learned]:
         fused, chosen = learned_fuse(
             self.test,
             train=self.train,
@@ -252,7 +251,7 @@ class _Split:
             svm_rows=self.rows,
             svm_cv_scores=self.svm_cv() if self._learns_svm() else None,
         )
-        return fused, {**chosen.as_json(), "svm_per_recurrence": self.windows}
+        return fused, chosen
 
 
 def fuse_tables(
@@ -273,17 +272,26 @@ def fuse_tables(
         per_window = {s: mine[s] for s in tables} if set(tables) <= set(mine) else None
         splits = sorted(set.intersection(*(set(t.splits()) for t in tables.values())))
         rows = {split: _Split(cfg, head, split, tables, per_window) for split in splits}
+        out.streams[head] = sorted(tables)
+        per_rec = per_window is not None
         for method in cfg.methods:
             fused = []
+            fitted = out.fitted.setdefault((head, method), {})
             for split, r in rows.items():
                 if method == "svm":
-                    s, c = r.svm()
-                    out.svm_c.setdefault(head, {})[split] = c
+                    s, fit = r.svm()
+                    out.svm_c.setdefault(head, {})[split] = fit.c
+                    fitted[split] = svm_spec(fit, per_recurrence=per_rec)
                 elif method == "learned":
                     s, chosen = r.learned()
-                    out.learned.setdefault(head, {})[split] = chosen
+                    out.learned.setdefault(head, {})[split] = {
+                        **chosen.as_json(),
+                        "svm_per_recurrence": per_rec,
+                    }
+                    fitted[split] = learned_spec(chosen, per_recurrence=per_rec)
                 else:
                     s = fuse_scores(method, r.test, weights=cfg.weights)
+                    fitted[split] = fixed_spec(method, weights=cfg.weights, streams=list(tables))
                 n = len(r.ids)
                 fused.append(ScoreTable([split] * n, ["test"] * n, r.ids, r.labels, s))
             table = concat(fused)
@@ -299,7 +307,8 @@ def fuse_score_dir(*, cfg: FusionConfig, run: RunConfig, scores: Path, out: Path
     """The fuse stage: the train stages' tables ``scores``/<head>-<stream>/scores.csv (and
     window_scores.npz where a head wrote them) of the models of ``run`` on the streams
     ``cfg.streams`` (a joint-input model, rgb+flow, is already fused inside) ->
-    ``out``/<head>-<method>/scores.csv, ``out``/svm_c.json and, with the learned method,
+    ``out``/<head>-<method>/scores.csv with what was fitted beside it (fusion.json,
+    pipeline/fusion_saved.py), ``out``/svm_c.json and, with the learned method,
     ``out``/learned.json; returned too."""
     by_head: dict[str, dict[str, ScoreTable]] = {}
     for (head, stream), table in load_score_dir(scores, run.trained()).items():
@@ -314,6 +323,13 @@ def fuse_score_dir(*, cfg: FusionConfig, run: RunConfig, scores: Path, out: Path
     out.mkdir(parents=True, exist_ok=True)
     for (head, method), table in fused.tables.items():
         write_scores(out / f"{head}-{method}" / "scores.csv", table)
+        write_fusion(
+            out / f"{head}-{method}" / FUSION_FILE,
+            head=head,
+            method=method,
+            streams=fused.streams[head],
+            splits=fused.fitted[(head, method)],
+        )
     (out / "svm_c.json").write_text(json.dumps(fused.svm_c, indent=1))
     if "learned" in cfg.methods:
         (out / "learned.json").write_text(json.dumps(fused.learned, indent=1))

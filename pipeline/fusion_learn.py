@@ -41,11 +41,12 @@ import numpy as np
 
 from pipeline.fusion import PRODUCT_EPS, check_streams
 from pipeline.fusion_svm import (
+    SvmFit,
     SvmRows,
     check_svm_settings,
     cv_splits,
+    fit_svm,
     svm_cv,
-    svm_decision,
     svm_features,
 )
 
@@ -65,6 +66,10 @@ class Learned:
     weights: dict[str, float] | None
     svm_c: float | None
     cv_top1: dict[str, float]
+    # what is applied to new scores (the fuse stage saves it): the weights in sorted stream
+    # order exactly as used (``weights`` above is rounded for reading), or the fitted SVM
+    exact_weights: tuple[float, ...] | None = None
+    svm: SvmFit | None = None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -194,15 +199,14 @@ def learned_fuse(
     kind, setting = best[2], best[3]
     if kind == "svm":
         assert svm_rows is not None and isinstance(setting, float)
-        fused = svm_decision(
-            svm_rows[0], y, svm_rows[1], c=setting, seed=seed, num_classes=num_classes
-        )
-        chosen = Learned(kind, None, setting, table)
+        fit = fit_svm(svm_rows[0], y, c=setting, seed=seed, num_classes=num_classes)
+        fused = fit.decision(svm_rows[1])
+        chosen = Learned(kind, None, setting, table, svm=fit)
     else:
         w = np.asarray(setting)
         fused = combine(kind, np.stack([test_s[s] for s in names]), w)
         weights = {s: round(float(v), 12) for s, v in zip(names, w, strict=True)}
-        chosen = Learned(kind, weights, None, table)
+        chosen = Learned(kind, weights, None, table, exact_weights=tuple(float(v) for v in w))
     log.info(
         "learned fusion: %s %s (cross-validated top-1 on the training videos: %s)",
         kind,

@@ -194,15 +194,55 @@ def check_svm_settings(
     return y.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class SvmFit:
+    """A fitted linear SVM as plain arrays, so the fuse stage can save it and predict apply it
+    to new videos' scores (pipeline/fusion_saved.py): decision values d = x @ coef.T + intercept (what LinearSVC's
+    decision_function computes), for the classes it saw; two classes: coef (1, D), d for
+    classes[1] (``[-d, d]``). x: the rows' features (``svm_features``: each stream's scores
+    L2-normalised, streams sorted). coef (K, D), intercept (K,), classes (K,) ints."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    classes: np.ndarray
+    c: float
+    num_classes: int
+
+    @classmethod
+    def of(cls, model: LinearSVC, *, c: float, num_classes: int) -> SvmFit:
+        return cls(
+            np.asarray(model.coef_, dtype=np.float64),
+            np.asarray(model.intercept_, dtype=np.float64),
+            np.asarray(model.classes_, dtype=np.int64),
+            float(c),
+            int(num_classes),
+        )
+
+    def decision(self, rows: SvmRows) -> np.ndarray:
+        """rows of n videos -> (n, num_classes): per video the weighted mean of its rows'
+        decision values (``SvmRows.decision``); classes without training videos ``-inf``."""
+        d = rows.x @ self.coef.T + self.intercept  # LinearSVC.decision_function's formula
+        if self.coef.shape[0] == 1:
+            d = np.stack([-d[:, 0], d[:, 0]], axis=1)
+        per = np.zeros((rows.n, d.shape[1]))
+        np.add.at(per, rows.video, rows.weight[:, None] * d)
+        per /= np.bincount(rows.video, weights=rows.weight, minlength=rows.n)[:, None]
+        fused = np.full((rows.n, self.num_classes), -np.inf)
+        fused[:, self.classes] = per
+        return fused
+
+
+def fit_svm(train: SvmRows, y: np.ndarray, *, c: float, seed: int, num_classes: int) -> SvmFit:
+    """The SVM with ``c`` fitted on ``train`` (labels y: (n,)) -> SvmFit."""
+    return SvmFit.of(_fit(train, y, c, seed), c=c, num_classes=num_classes)
+
+
 def svm_decision(
     train: SvmRows, y: np.ndarray, test: SvmRows, *, c: float, seed: int, num_classes: int
 ) -> np.ndarray:
     """The SVM with ``c`` fitted on ``train`` (labels y: (n,)) -> its per-video decision values
     on ``test``, (N, num_classes); classes without training videos get ``-inf``."""
-    model = _fit(train, y, c, seed)
-    fused = np.full((test.n, num_classes), -np.inf)
-    fused[:, model.classes_] = test.decision(model)
-    return fused
+    return fit_svm(train, y, c=c, seed=seed, num_classes=num_classes).decision(test)
 
 
 def fit_svm_rows(
@@ -220,6 +260,32 @@ def fit_svm_rows(
     """C by cross-validation on ``train`` in ``workers`` processes (or from ``cv``, {C:
     accuracy} already computed on ``cv_splits(y, folds=folds, seed=seed)``), then the decision
     values on ``test`` -> (N, C), C. A grid of one C is used without cross-validation."""
+    fit = select_svm(
+        train=train,
+        y=y,
+        num_classes=num_classes,
+        c_grid=c_grid,
+        folds=folds,
+        seed=seed,
+        cv=cv,
+        workers=workers,
+    )
+    return fit.decision(test), fit.c
+
+
+def select_svm(
+    *,
+    train: SvmRows,
+    y: np.ndarray,
+    num_classes: int,
+    c_grid: Sequence[float],
+    folds: int,
+    seed: int,
+    cv: Mapping[float, float] | None = None,
+    workers: int = 1,
+) -> SvmFit:
+    """The SVM ``fit_svm_rows`` applies: C chosen as it says, fitted on every row of
+    ``train`` -> SvmFit."""
     grid = sorted(set(float(c) for c in c_grid))
     if cv is not None:
         chosen, scores = pick_c({c: cv[c] for c in grid}), dict(cv)
@@ -230,7 +296,7 @@ def fit_svm_rows(
         scores = svm_cv(train, y, c_grid=grid, splits=splits, seed=seed, workers=workers)
         chosen = pick_c(scores)
     log.info("svm fusion: chose C=%g (cross-validated accuracy per C: %s)", chosen, scores)
-    return svm_decision(train, y, test, c=chosen, seed=seed, num_classes=num_classes), chosen
+    return fit_svm(train, y, c=chosen, seed=seed, num_classes=num_classes)
 
 
 def svm_fuse(

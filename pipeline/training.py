@@ -40,6 +40,7 @@ from pipeline.engine import (
 )
 from pipeline.heads import build_head, head_arguments
 from pipeline.manifest import Manifest
+from pipeline.models import checkpoint, save_model
 from pipeline.runner import resolve_workers
 from pipeline.scores import (
     WINDOW_SCORES,
@@ -49,7 +50,14 @@ from pipeline.scores import (
     write_scores,
     write_window_scores,
 )
-from pipeline.streams import Features, check_head, load_features, open_streams, per_video
+from pipeline.streams import (
+    Features,
+    Stream,
+    check_head,
+    load_features,
+    open_streams,
+    per_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +75,15 @@ class Trained:
     scores: one row per (split, subset, video), scores (N, C) softmax (mean over views).
     log: train_log.json's content (no wall-clock time: see ``train_splits``).
     windows: the same rows' window scores (N, M, C), for heads with ``window_scores``; else None.
+    model: what every split's checkpoint says of its model besides the weights (head, stream,
+    params, constructor kwargs, class names, features identity, steps: pipeline/models.py).
     """
 
     states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     scores: ScoreTable | None = None
     log: dict[str, Any] = field(default_factory=dict)
     windows: WindowScores | None = None
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 def has_windows(model: torch.nn.Module) -> bool:
@@ -127,10 +138,13 @@ def train_splits(
     cfg: TrainConfig,
     feats: Features,
     manifest: Manifest,
+    identity: Sequence[Mapping[str, Any]] = (),
 ) -> Trained:
     """Fit ``head`` on every split of ``manifest`` with ``feats`` (videos without features are
     left out) -> Trained. ``head_params``: its checked params.yaml section (training settings
-    and constructor arguments, pipeline.config.head_section); ``stream``: for the log only.
+    and constructor arguments, pipeline.config.head_section); ``stream``: for the log and the
+    checkpoints; ``identity``: each stream's features identity (``features_identity``), for
+    the checkpoints.
 
     Each split starts from ``cfg.seed``, so a split's weights and scores do not depend on the
     splits before it; raises TrainError when a split has no train or no test video."""
@@ -145,6 +159,16 @@ def train_splits(
         return build_head(head, in_dim=in_dim, num_classes=num_classes, **model_kwargs)
 
     out = Trained(log={"head": head, "stream": stream, "features": feats.backbones, "splits": {}})
+    # what a checkpoint needs to rebuild the model and feed it (pipeline/models.py)
+    out.model = {
+        "head": head,
+        "stream": stream,
+        "params": {k: head_params[k] for k in sorted(head_params)},
+        "kwargs": {"in_dim": in_dim, "num_classes": num_classes, **model_kwargs},
+        "classes": list(manifest.classes),
+        "features": [dict(f) for f in identity],
+        "steps": feats.steps,
+    }
     # the settings it was trained with, as the stage took them (a joint stage's joint.<head>
     # applied over heads.<head>), so a model's log says what it is without params.yaml
     out.log["params"] = {k: head_params[k] for k in sorted(head_params)}
@@ -274,12 +298,28 @@ def _probs_and_windows(model: torch.nn.Module, rows: Rows) -> np.ndarray:
     return np.concatenate([probs, win.reshape(len(win), -1)], axis=1)
 
 
+def features_identity(stream: Stream) -> dict[str, Any]:
+    """What a model's input features were, from the cache's attributes: the stream, its params
+    identity (pipeline/identity.py), backbone, weights and layout; predict computes a new
+    video's features with exactly these, and refuses caches that say otherwise."""
+    attrs = stream.cache.attrs
+    return {
+        "stream": stream.name,
+        "params": attrs.get("params"),
+        "backbone": attrs.get("backbone"),
+        "weights": attrs.get("weights"),
+        "layout": stream.layout,
+    }
+
+
 def write_trained(trained: Trained, out: Path) -> None:
-    """``out``/model_split<s>.pt for every split, scores.csv, train_log.json and, for a head
+    """``out``/model_split<s>.pt for every split (a self-describing checkpoint,
+    pipeline/models.py), scores.csv, train_log.json and, for a head
     with window scores, window_scores.npz."""
     out.mkdir(parents=True, exist_ok=True)
     for split, state in trained.states.items():
-        torch.save(state, out / f"model_split{split}.pt")
+        ckpt = checkpoint(split=split, state_dict=state, **trained.model)
+        save_model(out / f"model_split{split}.pt", ckpt)
     assert trained.scores is not None  # train_splits always sets it
     write_scores(out / "scores.csv", trained.scores)
     if trained.windows is not None:
@@ -324,7 +364,13 @@ def train_head(
             stream,
         )
     trained = train_splits(
-        head=head, stream=stream, head_params=head_params, cfg=cfg, feats=feats, manifest=m
+        head=head,
+        stream=stream,
+        head_params=head_params,
+        cfg=cfg,
+        feats=feats,
+        manifest=m,
+        identity=[features_identity(s) for s in streams],
     )
     write_trained(trained, out)
     return trained

@@ -23,6 +23,7 @@ from pipeline.datasets import read_manifest
 from pipeline.heads import build_head
 from pipeline.identity import params_identity
 from pipeline.manifest import Manifest, VideoRecord, write_manifest
+from pipeline.models import read_checkpoint
 from pipeline.scores import read_scores
 from pipeline.streams import StreamError
 from stages import train
@@ -211,7 +212,7 @@ def test_views_train_one_sample_per_view_and_score_each_video_by_its_views_mean(
     # By hand: the test score of a video is the mean over its views of the trained model's
     # softmax, each view brought to the shortest T (5) by sigma.
     model = build_head("mean_pool", in_dim=3, num_classes=2, dropout=0.0)
-    model.load_state_dict(torch.load(out / "model_split1.pt", weights_only=True))
+    model.load_state_dict(read_checkpoint(out / "model_split1.pt")["state_dict"])
     model.eval()
     vid = "c0_v13"  # a test video with 3 views of 6 steps
     views = torch.as_tensor(arrays[vid].astype(np.float16).astype(np.float32))
@@ -305,7 +306,7 @@ def test_conv_maps_train_tsrnn_end_to_end(tmp_path: Path) -> None:
         manifest=manifest,
         out=out,
     )
-    state = torch.load(out / "model_split1.pt", weights_only=True)
+    state = read_checkpoint(out / "model_split1.pt")["state_dict"]
     # in_dim = C: the Conv-GRU sees the C = 8 map channels plus the 2 tiled spiking signals
     assert state["gru.conv_x.weight"].shape[1:] == (8 + 2, 3, 3)
     assert state["spiking.weight"].shape == (2, 8)
@@ -446,7 +447,7 @@ def test_sru_levels_equal_to_the_cache_or_null_train(tmp_path: Path, levels: lis
         manifest=manifest,
         out=out,
     )
-    stacks = {k.split(".")[1] for k in torch.load(out / "model_split1.pt", weights_only=True)}
+    stacks = {k.split(".")[1] for k in read_checkpoint(out / "model_split1.pt")["state_dict"]}
     assert len(stacks) == (3 if levels else 1)  # one SRU stack per level, or one over all D
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from pipeline.cache import open_cache
 from pipeline.engine import predict
 from pipeline.heads import build_head
 from pipeline.manifest import Manifest, VideoRecord, write_manifest
+from pipeline.models import read_checkpoint
 from pipeline.scores import read_scores
 
 pytestmark = pytest.mark.slow  # each case runs the train stage three times
@@ -103,7 +103,7 @@ def test_the_joint_section_applies_to_the_joint_stage_only(head: str, tmp_path: 
     # the saved weights are those of the joint-only model: rebuilt with the joint setting they
     # give the stage's test scores; rebuilt from the heads section alone they do not load or
     # give other scores
-    state = torch.load(out / "model_split1.pt", weights_only=True)
+    state = read_checkpoint(out / "model_split1.pt")["state_dict"]
     kw = {"in_dim": D_RGB + D_FLOW, "num_classes": CLASSES, "stream_dims": [D_RGB, D_FLOW]}
     model = build_head(head, **kw, **{**base, **joint})
     model.load_state_dict(state)

@@ -17,6 +17,7 @@ from pipeline.datasets import read_manifest
 from pipeline.engine import predict
 from pipeline.heads import build_head
 from pipeline.manifest import Manifest, VideoRecord, write_manifest
+from pipeline.models import load_model, read_checkpoint
 from pipeline.scores import read_scores
 from pipeline.streams import Features
 from pipeline.training import TrainError, train_head, train_splits
@@ -200,7 +201,7 @@ def test_train_head_writes_what_it_returns(tmp_path: Path) -> None:
         "train_log.json",
     ]
     for split, state in t.states.items():
-        saved = torch.load(out / f"model_split{split}.pt", weights_only=True)
+        saved = read_checkpoint(out / f"model_split{split}.pt")["state_dict"]
         assert saved.keys() == state.keys()
         for k in state:
             torch.testing.assert_close(saved[k], state[k])
@@ -208,6 +209,18 @@ def test_train_head_writes_what_it_returns(tmp_path: Path) -> None:
     assert table.video_id == t.scores.video_id and table.subset == t.scores.subset
     np.testing.assert_allclose(table.scores, t.scores.scores, rtol=1e-5)  # %.6g in the CSV
     assert json.loads((out / "train_log.json").read_text()) == t.log
+    # each checkpoint describes its model: rebuilt from the file alone it gives the test scores
+    model, info = load_model(out / "model_split1.pt")
+    assert (info.head, info.stream, info.split) == ("mean_pool", "rgb", "1")
+    assert info.classes == m.classes and info.kwargs["num_classes"] == len(m.classes)
+    assert info.params == {k: HP[k] for k in sorted(HP)}
+    assert [f["stream"] for f in info.features] == ["rgb"]
+    assert info.features[0]["layout"] == "(T, D)"
+    test = t.scores.select(split="1", subset="test")
+    x = np.stack([_features(m).videos[v][0] for v in test.video_id]).astype(np.float16)
+    with torch.no_grad():
+        probs = model(torch.from_numpy(x.astype(np.float32))).softmax(-1).numpy()
+    np.testing.assert_allclose(probs, test.scores, rtol=1e-5, atol=1e-7)
 
 
 def test_the_stage_turns_an_empty_split_into_one_line_and_writes_nothing(tmp_path: Path) -> None:
