@@ -1,5 +1,6 @@
 """The evaluate stage's report: top-1, top-5 and mean-class accuracy per split and mean over
-splits for every head x stream and every fusion (metrics.json), per-class accuracy
+splits for every head x stream and every fusion (metrics.json), a summary of them for `dvc
+metrics show` (summary/: one small JSON per model, see ``summary_rows``), per-class accuracy
 (per_class.csv), a Markdown results table (results.md), and the confusion matrix of one model
 as a DVC plot (confusion.csv: actual/predicted class names) and a PNG (confusion.png).
 
@@ -145,6 +146,56 @@ def results_table(
     return "\n".join(lines) + "\n"
 
 
+def _summary_row(acc: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
+    std = acc.get("std")
+    row: dict[str, Any] = {} if model is None else {"model": model}
+    for key in ("top1", "mean_class"):
+        row[key] = acc[key]
+        row[f"{key}_std"] = None if std is None else std[key]  # null: one split, undefined
+    return row
+
+
+def summary_rows(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """metrics.json's content -> the summary metrics, {file stem: row}: "<head>-<stream>" for
+    every head and stream (or joint streams, "rgb+flow"); "<head>-fused", the head's best
+    fusion; "best", the best model of all (streams and fusions). Best: the highest mean top-1
+    over splits, ties to the first name in sorted order; its row names it in "model"
+    ("<head>/<fusion or stream>"). Row: top1, top1_std, mean_class, mean_class_std (mean and
+    sample std over splits; the std null for one split).
+
+    One small file per model, not one file: `dvc metrics show` prints a file as one row with
+    a column per key, so a file of every model is one row hundreds of columns wide, and a
+    file per model is a table with a row per model and five columns."""
+    rows: dict[str, dict[str, Any]] = {}
+    every: dict[str, Mapping[str, Any]] = {}
+    for head, accs in sorted(metrics["streams"].items()):
+        for stream, acc in sorted(accs.items()):
+            rows[f"{head}-{stream}"] = _summary_row(acc)
+            every[f"{head}/{stream}"] = acc
+    for head, accs in sorted(metrics["fusion"].items()):
+        if not accs:
+            continue
+        method = max(sorted(accs), key=lambda m: accs[m]["top1"])
+        rows[f"{head}-fused"] = _summary_row(accs[method], f"{head}/{method}")
+        every.update({f"{head}/{m}": acc for m, acc in accs.items()})
+    if every:
+        best = max(sorted(every), key=lambda n: every[n]["top1"])
+        rows["best"] = _summary_row(every[best], best)
+    return rows
+
+
+def write_summary(metrics: Mapping[str, Any], folder: Path) -> list[Path]:
+    """The summary metrics of ``metrics`` (``summary_rows``) as ``folder``/<stem>.json, one
+    file each; JSON files of models no longer there are removed first. Returns the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):  # a stale row would be shown by `dvc metrics show`
+        old.unlink()
+    rows = summary_rows(metrics)
+    for stem, row in rows.items():
+        (folder / f"{stem}.json").write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+    return [folder / f"{stem}.json" for stem in rows]
+
+
 @dataclass
 class Report:
     """What the evaluate stage writes, computed.
@@ -222,11 +273,13 @@ def build_report(
 
 
 def write_report(report: Report, classes: tuple[str, ...], out: Path) -> None:
-    """``out``/results.md, metrics.json, per_class.csv, confusion.csv and confusion.png."""
+    """``out``/results.md, metrics.json (every number), summary/ (``write_summary``: the
+    few `dvc metrics show` prints), per_class.csv, confusion.csv and confusion.png."""
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(report.metrics, report.groups.indices, report.groups.unmatched)
     (out / "results.md").write_text(table, encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(report.metrics, indent=1))
+    write_summary(report.metrics, out / "summary")
 
     names = sorted(report.per_class)
     with (out / "per_class.csv").open("w", newline="", encoding="utf-8") as fh:

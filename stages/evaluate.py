@@ -1,7 +1,9 @@
 """evaluate: top-1, top-5 and mean-class accuracy per split, and their mean and sample standard
 deviation over the splits (null for one split), for every head x stream and every fusion
-(metrics.json, results.md), per-class accuracy (CSV), and the confusion matrix of one model as a
-PNG and as a DVC plot (CSV of actual/predicted class names). The report: pipeline/report.py."""
+(metrics.json, results.md); their summary for `dvc metrics show` (summary/: one small JSON per
+head and stream, per head's best fusion, and the best model); per-class accuracy (CSV), and the
+confusion matrix of one model as a PNG and as a DVC plot (CSV of actual/predicted class names).
+The report: pipeline/report.py."""
 
 from __future__ import annotations
 

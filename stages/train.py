@@ -1,8 +1,10 @@
 """train: one temporal head on one stream's cached features (or several streams' features
 concatenated along D, e.g. rgb+flow for TS-LSTM and RTSAE), for every split of the manifest.
-Writes per-video softmax scores (test videos, and out-of-fold scores for training videos) and
-the trained weights. Reads only its head's params section and the `train` section (and, with
---params-check, the `features.<stream>` sections the caches must have been written with).
+Writes per-video softmax scores (test videos, and out-of-fold scores for training videos), the
+trained weights and, with --curves, the training curves of every split as DVC plots written
+with dvclive (pipeline/curves.py). Reads only its head's params section and the `train`
+section (and, with --params-check, the `features.<stream>` sections the caches must have been
+written with).
 
 The protocol: pipeline/training.py; cache layouts, views, the resampling of unequal lengths
 to `train.steps` (25 by default), and features streamed from the caches when they exceed
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError, StreamFeaturesConfig, TrainConfig, head_section, section
+from pipeline.curves import CurvesError, write_curves
 from pipeline.heads import get_head_class
 from pipeline.identity import params_identity
 from pipeline.streams import StreamError
@@ -31,10 +34,12 @@ def main(
     manifest: Path,
     out: Path,
     expected: list[dict] | None = None,
+    curves: Path | None = None,
 ) -> None:
-    """expected: one params_identity per --features cache (None: not checked)."""
+    """expected: one params_identity per --features cache (None: not checked). curves: the
+    folder of the training curves (None: not written)."""
     try:
-        train_head(
+        trained = train_head(
             head=head,
             stream=stream,
             head_params=head_params,
@@ -46,6 +51,11 @@ def main(
         )
     except (StreamError, CacheError, TrainError) as e:  # each names the cache or the split
         raise SystemExit(f"train: {e}") from None
+    if curves is not None:
+        try:
+            write_curves(trained.log, curves)
+        except CurvesError as e:
+            raise SystemExit(f"train: {curves}: {e}") from None
 
 
 def expected_params(params: dict, stream: str, n_caches: int) -> list[dict]:
@@ -74,6 +84,11 @@ if __name__ == "__main__":
             "head": {"required": True},
             "stream": {"required": True},
             "features": {"type": Path, "nargs": "+", "required": True},
+            "curves": {
+                "type": Path,
+                "default": None,
+                "help": "folder of the training curves (dvclive); not written when absent",
+            },
             "params-check": {
                 "action": argparse.BooleanOptionalAction,
                 "default": False,
@@ -102,4 +117,5 @@ if __name__ == "__main__":
         expected=(
             expected_params(params, args.stream, len(args.features)) if args.params_check else None
         ),
+        curves=args.curves,
     )

@@ -213,6 +213,19 @@ def test_evaluate_writes_every_report_file_for_the_runs_models(tmp_path: Path) -
     assert len(confusion) == 1 + 7
     assert "| h | fused: sum |" in (out / "results.md").read_text()
     assert imread(out / "confusion.png").ndim == 3
+    # the summary `dvc metrics show` prints: a file per model, the head's best fusion, the best
+    summary = {p.name: json.loads(p.read_text()) for p in (out / "summary").iterdir()}
+    assert sorted(summary) == ["best.json", "h-flow.json", "h-fused.json", "h-rgb.json"]
+    # h/rgb: top-1 0.5 and 1.0 over the two splits, better than h/sum's 3/4 and 2/3
+    assert summary["best.json"] == {
+        "model": "h/rgb",
+        "top1": 0.75,
+        "top1_std": 0.3536,
+        "mean_class": 0.75,
+        "mean_class_std": 0.3536,
+    }
+    assert summary["h-fused.json"]["model"] == "h/sum"
+    assert summary["h-fused.json"]["top1"] == 0.7083
 
 
 def test_shipped_params_evaluate_a_dataset_that_is_not_the_demo(tmp_path: Path) -> None:
