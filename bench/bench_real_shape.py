@@ -300,10 +300,13 @@ def write_params(
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-def meter_stages(project: Path, log: Path) -> None:
-    """Prefix every stage's cmd in the copy's dvc.yaml with bench/stage_meter.py."""
+def meter_stages(project: Path, log: Path, dataset: list[Path]) -> None:
+    """Prefix every stage's cmd in the copy's dvc.yaml with bench/stage_meter.py, and list the
+    dataset's folders under prepare's deps (prepare refuses to run under DVC without them)."""
     path = project / "dvc.yaml"
     d = yaml.safe_load(path.read_text())
+    deps = d["stages"]["prepare"]["deps"]
+    deps += [str(p) for p in dataset if str(p) not in deps]
     prefix = f"python {project / 'bench' / 'stage_meter.py'} --log {log} -- "
     for stage in d["stages"].values():
         body = stage.get("do", stage)
@@ -454,7 +457,7 @@ def main() -> None:
         oof_folds=args.oof_folds,
         batch_size=args.head_batch_size,
     )
-    meter_stages(project, times)
+    meter_stages(project, times, [root, splits_dir])
     p = yaml.safe_load((project / "params.yaml").read_text())
     print(
         f"  settings: decode {p['decode']['num_frames']} points x {p['decode']['flow_pairs']} "

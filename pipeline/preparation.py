@@ -7,7 +7,10 @@ Probing decodes every frame and hashes every byte: hours for a large dataset. So
 and shards (pipeline/journal.py): each probed video is journaled in ``out/journal``, keyed by
 its absolute path, size and mtime_ns (a file changed since is probed again), and under torchrun
 each rank probes its share of the videos (sorted by id) while rank 0 lists the dataset (and
-writes the demo) before, and writes the outputs after.
+writes the demo) before, and writes the outputs after. A finished run's probes stay in a memo
+beside the output (pipeline/probe_memo.py), so a run after videos were added, changed or
+removed probes only those. Run by DVC, the stage first checks that dvc.yaml lists the
+dataset's files as its dependencies (pipeline/dataset_deps.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pipeline.probes
 import pipeline.video
 from pipeline import datasets
 from pipeline.config import DatasetConfig
+from pipeline.dataset_deps import check_declared
 from pipeline.demo import generate_demo
 from pipeline.fingerprint import file_sha256
 from pipeline.journal import (
@@ -34,6 +38,7 @@ from pipeline.journal import (
     on_primary,
     remove_journal,
 )
+from pipeline.probe_memo import memo_path, seed_journal, write_memo
 from pipeline.probes import Probe, write_probes
 from pipeline.runner import Counts, Failure, finish
 from pipeline.video import decoder_id, probe
@@ -134,19 +139,31 @@ def _prune_demo(demo_dir: Path, csv_path: Path) -> None:
             path.unlink()
 
 
-def _listing(cfg: DatasetConfig, out: Path) -> datasets.Listing:
+def _listing(cfg: DatasetConfig, out: Path, dvc_yaml: Path | None) -> datasets.Listing:
     """The listing, after clearing what an earlier run wrote that this one rewrites (or no
     longer writes: the demo's videos when the dataset is not the demo). The demo's videos are
-    written anew every run (new mtimes), so a killed demo run probes them all again: seconds."""
+    written anew every run (new mtimes), so a killed demo run probes them all again: seconds.
+    With ``dvc_yaml``, the dataset's files must be dependencies of its prepare stage
+    (``check_declared``). The memo of the last run's probes is put in the journal (not the
+    demo's)."""
     demo = cfg.name == "demo"
     clear_outputs(out, OUTPUTS if demo else (*OUTPUTS, DEMO), keep=(DEMO,) if demo else ())
     listing = build_listing(cfg, out)
+    if dvc_yaml is not None:
+        listed = [v.path for v in listing.manifest.videos]
+        check_declared(
+            cfg, listed + [p for r in listing.rejected for p in r.paths], dvc_yaml=dvc_yaml
+        )
     if demo:
         _prune_demo(out / DEMO, out / DEMO / "demo.csv")
+    else:  # the demo's videos are new files every run: no memo could match them
+        seed_journal(memo_path(out), out / JOURNAL)
     return listing
 
 
-def prepare_dataset(cfg: DatasetConfig, *, out: Path, world: World) -> Counts:
+def prepare_dataset(
+    cfg: DatasetConfig, *, out: Path, world: World, dvc_yaml: Path | None = None
+) -> Counts:
     """Write ``out/manifest.csv``, ``out/probe.csv`` and ``out/failures.csv`` (the demo's videos
     under ``out/demo``) -> the counts of probed and failed videos (on a rank other than 0: of
     its own share, and it writes nothing but its journal).
@@ -157,13 +174,16 @@ def prepare_dataset(cfg: DatasetConfig, *, out: Path, world: World) -> Counts:
     the bytes, and decoding the same bytes again fails again (after as long, on a file that
     fails late), so an uninterrupted run would have recorded the same reason. (A transient
     read error is kept too, as an uninterrupted run would have kept it.) The journal is
-    deleted once the outputs are written, so the next run (other code, files fixed) probes
-    everything again."""
+    deleted once the outputs are written (the output holds no history); its successful probes
+    stay in the memo (pipeline/probe_memo.py, not the demo's), so the next run probes only the
+    files new or changed since (size or mtime_ns), the failed ones, and every file when the
+    code changed. ``dvc_yaml``:
+    the dvc.yaml that runs the stage, whose prepare deps must cover the dataset (DepsError)."""
     from pipeline.world import check_shared_dir
 
     check_shared_dir(world, out)
     out.mkdir(parents=True, exist_ok=True)
-    listing = on_primary(world, lambda: _listing(cfg, out))
+    listing = on_primary(world, lambda: _listing(cfg, out, dvc_yaml))
     run = journaled_map(
         world,
         out / JOURNAL,
@@ -193,6 +213,10 @@ def prepare_dataset(cfg: DatasetConfig, *, out: Path, world: World) -> Counts:
     write_probes(out / "probe.csv", probes)
     manifest = listing.manifest.without(f.video_id for f in failures)
     datasets.write_manifest(manifest, out / "manifest.csv")
+    # the memo before the journal goes: a kill between them loses nothing
+    if cfg.name != "demo":
+        keys = (file_key(v) for v in manifest.videos)
+        write_memo(memo_path(out), out / JOURNAL, keys, code=_code())
     remove_journal(out / JOURNAL)  # before finish, which stops the stage if none succeeded
     return finish(
         "prepare", out / "failures.csv", failures, done=len(probes) - resumed, skipped=resumed
