@@ -31,6 +31,7 @@ from pipeline.journal import (
     remove_journal,
 )
 from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
+from pipeline.probe_memo import memo_path, seed_journal, write_memo
 from pipeline.probes import read_probes
 from pipeline.runner import Counts, Failure, finish
 from pipeline.video import read_frames
@@ -66,6 +67,8 @@ def _candidates(cfg: DecodeConfig, manifest: Path, probe: Path, out: Path) -> li
     """The plan entry of every video of ``manifest``, sorted by id, with the frame counts and
     sizes of ``probe``; the outputs of an earlier run are cleared first."""
     clear_outputs(out, OUTPUTS)
+    # the last run's checks, reused for entries that did not change (pipeline/probe_memo.py)
+    seed_journal(memo_path(out, "checks"), out / JOURNAL)
     probes = read_probes(probe)
     candidates = []
     for v in sorted(read_manifest(manifest).videos, key=lambda v: v.video_id):
@@ -97,7 +100,10 @@ def plan_videos(
     A run killed (or stopped by an error) keeps ``out/journal``, and the next run checks only
     the videos it does not record. A failure is journaled like a success: the same frames of
     the same bytes, read by the same code, fail the same way, as they would have in an
-    uninterrupted run. The journal is deleted once the outputs are written."""
+    uninterrupted run. The journal is deleted once the outputs are written; its successful
+    checks stay in a memo beside ``out`` (``.decode.checks.jsonl``), so a run after videos were
+    added checks only the entries that changed: new videos, or every one when the settings or
+    the code changed."""
     from pipeline.world import check_shared_dir
 
     check_shared_dir(world, out)
@@ -125,6 +131,9 @@ def plan_videos(
             planned[pv.video_id] = pv
             resumed += entry.resumed
     write_plan(out / "plan.json", Plan(cfg, planned))
+    # the memo before the journal goes: a kill between them loses nothing
+    keys = (check_key(pv, identity=identity) for pv in planned.values())
+    write_memo(memo_path(out, "checks"), out / JOURNAL, keys, code=_code(identity))
     remove_journal(out / JOURNAL)  # before finish, which stops the stage if none succeeded
     return finish(
         "decode", out / "failures.csv", failures, done=len(planned) - resumed, skipped=resumed

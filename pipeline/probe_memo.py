@@ -1,6 +1,8 @@
 """The prepare stage's memo of finished probes, so that a dataset that gained, lost or changed a
 few videos costs a probe of those videos only, not of the 13,320 (UCF101) or ~650k (Kinetics)
-it had: probing decodes every frame and hashes every byte of a video.
+it had: probing decodes every frame and hashes every byte of a video. The decode stage keeps its
+frame checks the same way (pipeline/planning.py): their key is the plan entry, the video's
+sha256 included, so a check is reused only for the same bytes and the same sampled frames.
 
 The journal (pipeline/journal.py) makes a killed run resume, but is deleted once the outputs
 are written, so that the DVC output holds the same bytes whatever its history. The memo keeps
@@ -31,9 +33,10 @@ from pathlib import Path
 MEMO_FILE = "memo.jsonl"  # the memo's name inside the journal while a run reuses it
 
 
-def memo_path(out: Path) -> Path:
-    """Where the memo of the stage writing ``out`` lives: beside it, hidden, not in it."""
-    return out.parent / f".{out.name}.probes.jsonl"
+def memo_path(out: Path, what: str = "probes") -> Path:
+    """Where the memo of the stage writing ``out`` lives: beside it, hidden, not in it
+    (prepare's probes; decode's frame checks: ``what="checks"``)."""
+    return out.parent / f".{out.name}.{what}.jsonl"
 
 
 def seed_journal(memo: Path, journal: Path) -> bool:

@@ -208,8 +208,8 @@ def test_dvc_sees_a_video_added_to_a_folder_dataset(folder_project: Path) -> Non
     assert "prepare:" in status and "videos" in status
     log = run(["dvc", "repro", *targets], proj)
     text = log.stdout + log.stderr
-    # the new video alone is probed and its flow computed (decode plans every video again:
-    # its journal goes once it is done)
+    # the new video alone is probed, its frames checked and its flow computed
     assert _counts(text, "prepare") == (1, 6)
+    assert _counts(text, "decode") == (1, 6)
     assert _counts(text, "flow") == (1, 6)
     assert "up to date" in run(["dvc", "status", *targets], proj).stdout

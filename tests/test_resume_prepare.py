@@ -202,7 +202,11 @@ def test_a_killed_decode_resumes_with_the_videos_it_had_not_checked(
     assert set(file_bytes(out)) == DECODED
     assert file_bytes(out) == file_bytes(fresh)
 
-    # other decode settings: every journaled check is stale (a new kill, then a resume)
+    # other decode settings: every journaled check is stale (a new kill, then a resume); the
+    # finished run's memo would check nothing again at the same settings: the kill needs checks
+    from pipeline.probe_memo import memo_path
+
+    memo_path(out, "checks").unlink()
     _kill_after("decode", 2, clips, out)
     calls.clear()
     other = DecodeConfig(num_frames=4, flow_pairs=2, short_side=32, workers=1)
@@ -296,7 +300,9 @@ def test_prepare_and_decode_under_two_torchrun_ranks_equal_one_process(
         assert f"{desc}: rank 0 of 2: 12 videos to do" in run.stderr
         assert f"{desc}: rank 1 of 2: 12 videos to do" in run.stderr
         assert f"{name}: 24 done, 0 already done" in run.stderr  # rank 0 counts both shares
-    ranks = file_bytes(data)
+    # the stage outputs; decode's memo of checks beside them (.decode.checks.jsonl) holds this
+    # machine's absolute paths, and is not an output
+    ranks = {k: v for k, v in file_bytes(data).items() if not k.startswith(".")}
     assert {k for k in ranks if not k.startswith("prepare/demo/")} == {
         *(f"prepare/{n}" for n in PREPARED),
         *(f"decode/{n}" for n in DECODED),
@@ -314,4 +320,33 @@ def test_prepare_and_decode_under_two_torchrun_ranks_equal_one_process(
         probe=prep / "probe.csv",
         out=dec,
     )
-    assert file_bytes(data) == ranks
+    assert {k: v for k, v in file_bytes(data).items() if not k.startswith(".")} == ranks
+
+
+def test_a_decode_after_a_video_was_added_checks_only_that_video(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """The decode stage's memo of frame checks: after the dataset gained a video, decode checks
+    that one and reuses the rest; the plan equals a fresh run's byte for byte; a changed
+    setting checks every video again."""
+    from pipeline.datasets import read_manifest
+    from pipeline.manifest import write_manifest
+
+    manifest, probe = tiny_demo / "prepare/manifest.csv", tiny_demo / "prepare/probe.csv"
+    full = read_manifest(manifest)
+    fewer = tmp_path / "fewer.csv"
+    write_manifest(full.without([full.videos[0].video_id]), fewer)
+    cfg = DecodeConfig(num_frames=8, flow_pairs=2, short_side=32, workers=1)
+    out = tmp_path / "decode"
+    first = decode.main(cfg, manifest=fewer, probe=probe, out=out)
+    assert (first.done, first.skipped) == (len(full.videos) - 1, 0)
+    again = decode.main(cfg, manifest=manifest, probe=probe, out=out)
+    assert (again.done, again.skipped) == (1, len(full.videos) - 1)
+    fresh = decode.main(cfg, manifest=manifest, probe=probe, out=tmp_path / "fresh")
+    assert (fresh.done, fresh.skipped) == (len(full.videos), 0)
+    for name in ("plan.json", "failures.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert not (out / JOURNAL).exists()  # the output holds no history; the memo is beside it
+    other = DecodeConfig(num_frames=6, flow_pairs=2, short_side=32, workers=1)
+    changed = decode.main(other, manifest=manifest, probe=probe, out=out)
+    assert (changed.done, changed.skipped) == (len(full.videos), 0)
