@@ -23,15 +23,14 @@ the remote), deleted at the end unless ``--keep``. Prints measured numbers; asse
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_dataset_deps import dvc as run_dvc  # bench/ is the script's folder on sys.path
 
 from pipeline.cache import open_cache
 
@@ -43,15 +42,7 @@ FLOW = (25, 5, 2, 256, 340)
 
 def dvc(args: list[str], cwd: Path) -> float:
     """Run ``dvc args`` in ``cwd`` -> seconds; a failure stops the bench with its output."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    t = time.perf_counter()
-    proc = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(
-            f"dvc {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-        )
-    return time.perf_counter() - t
+    return run_dvc(args, cwd)[0]
 
 
 def tree(path: Path) -> tuple[int, int]:

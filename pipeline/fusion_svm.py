@@ -237,42 +237,6 @@ def fit_svm(train: SvmRows, y: np.ndarray, *, c: float, seed: int, num_classes: 
     return SvmFit.of(_fit(train, y, c, seed), c=c, num_classes=num_classes)
 
 
-def svm_decision(
-    train: SvmRows, y: np.ndarray, test: SvmRows, *, c: float, seed: int, num_classes: int
-) -> np.ndarray:
-    """The SVM with ``c`` fitted on ``train`` (labels y: (n,)) -> its per-video decision values
-    on ``test``, (N, num_classes); classes without training videos get ``-inf``."""
-    return fit_svm(train, y, c=c, seed=seed, num_classes=num_classes).decision(test)
-
-
-def fit_svm_rows(
-    test: SvmRows,
-    *,
-    train: SvmRows,
-    y: np.ndarray,
-    num_classes: int,
-    c_grid: Sequence[float],
-    folds: int,
-    seed: int,
-    cv: Mapping[float, float] | None = None,
-    workers: int = 1,
-) -> tuple[np.ndarray, float]:
-    """C by cross-validation on ``train`` in ``workers`` processes (or from ``cv``, {C:
-    accuracy} already computed on ``cv_splits(y, folds=folds, seed=seed)``), then the decision
-    values on ``test`` -> (N, C), C. A grid of one C is used without cross-validation."""
-    fit = select_svm(
-        train=train,
-        y=y,
-        num_classes=num_classes,
-        c_grid=c_grid,
-        folds=folds,
-        seed=seed,
-        cv=cv,
-        workers=workers,
-    )
-    return fit.decision(test), fit.c
-
-
 def select_svm(
     *,
     train: SvmRows,
@@ -284,7 +248,9 @@ def select_svm(
     cv: Mapping[float, float] | None = None,
     workers: int = 1,
 ) -> SvmFit:
-    """The SVM ``fit_svm_rows`` applies: C chosen as it says, fitted on every row of
+    """C by cross-validation on ``train`` in ``workers`` processes (or from ``cv``, {C:
+    accuracy} already computed on ``cv_splits(y, folds=folds, seed=seed)``; a grid of one C
+    is used without cross-validation), then the SVM with that C fitted on every row of
     ``train`` -> SvmFit."""
     grid = sorted(set(float(c) for c in c_grid))
     if cv is not None:
@@ -317,7 +283,7 @@ def svm_fuse(
     (``train``: {stream: (M, C)}, ``train_labels``: (M,) ints in [0, C)) with C picked from
     ``c_grid`` by stratified ``folds``-fold cross-validation on the training videos (fewer folds
     when a class has fewer videos; shuffled with ``seed``), or from ``cv`` when given (see
-    ``fit_svm_rows``). Returns its decision function on ``test``; for two classes (N, 2) as
+    ``select_svm``). Returns its decision function on ``test``; for two classes (N, 2) as
     ``[-d, d]``. Classes without training videos get ``-inf``.
     """
     test_s, _, num_classes = check_streams(test, what="svm fusion (test)")
@@ -327,8 +293,7 @@ def svm_fuse(
             f"svm fusion: train streams {sorted(train_s)} differ from test streams {sorted(test_s)}"
         )
     y = check_svm_settings(train_labels, m=m, num_classes=num_classes, c_grid=c_grid, folds=folds)
-    return fit_svm_rows(
-        SvmRows.per_video(svm_features(test_s)),
+    fit = select_svm(
         train=SvmRows.per_video(svm_features(train_s)),
         y=y,
         num_classes=num_classes,
@@ -338,6 +303,7 @@ def svm_fuse(
         cv=cv,
         workers=workers,
     )
+    return fit.decision(SvmRows.per_video(svm_features(test_s))), fit.c
 
 
 def check_windows(
@@ -400,8 +366,7 @@ def window_svm_fuse(
     if next(iter(train_s.values())).shape[2] != num_classes:
         raise ValueError("per-recurrence svm fusion: train and test have different classes")
     y = check_svm_settings(train_labels, m=m, num_classes=num_classes, c_grid=c_grid, folds=folds)
-    return fit_svm_rows(
-        window_rows(test_s, weights),
+    fit = select_svm(
         train=window_rows(train_s, weights),
         y=y,
         num_classes=num_classes,
@@ -411,3 +376,4 @@ def window_svm_fuse(
         cv=cv,
         workers=workers,
     )
+    return fit.decision(window_rows(test_s, weights)), fit.c

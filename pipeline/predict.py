@@ -34,8 +34,8 @@ from pipeline.fusion_saved import FusionFileError, apply_fusion, read_fusion
 from pipeline.inference import resolve_device
 from pipeline.models import ModelInfo, load_model
 from pipeline.predict_features import new_video_features, read_run_features
-from pipeline.streams import StreamError, _assemble, open_streams, per_video
-from pipeline.training import _video_windows, has_windows, predict_windows
+from pipeline.streams import StreamError, assemble, open_streams, per_video
+from pipeline.training import has_windows, predict_windows, video_windows
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,7 @@ def _model_probs(
     except StreamError as e:
         raise PredictError(f"{info.path}: {e}") from None
     try:
-        views = [
-            _assemble(v, [feats[s][v] for s in info.streams], streams, info.steps) for v in ids
-        ]
+        views = [assemble(v, [feats[s][v] for s in info.streams], streams, info.steps) for v in ids]
     finally:
         for s in streams:
             s.cache.close()
@@ -198,7 +196,7 @@ def _model_probs(
         probs.append(per_video(predict(model, x), groups, has_views))
         if has_windows(model):
             w, weights = predict_windows(model, x)
-            windows.append((_video_windows(w, groups, has_views), weights))
+            windows.append((video_windows(w, groups, has_views), weights))
         else:
             windows.append(None)
     return probs, windows

@@ -226,7 +226,7 @@ def _paired(counts: list[int]) -> int:
     return max(counts) if min(counts) == 1 else min(counts)
 
 
-def _assemble(
+def assemble(
     vid: str, arrays: list[np.ndarray], streams: list[Stream], t: int | None
 ) -> list[np.ndarray]:
     """One video's array per stream -> its views, each brought to t steps (None: as read) and
@@ -261,7 +261,7 @@ class _Scanned:
 
 class VideoSource:
     """Reads a video's views from the caches and assembles them as the in-memory path does
-    (``_assemble``); the last few videos are kept (the views of a video are read one by one).
+    (``assemble``); the last few videos are kept (the views of a video are read one by one).
     Thread-safe: the training loop reads ahead in a background thread."""
 
     def __init__(
@@ -281,7 +281,7 @@ class VideoSource:
             if vid in self._kept:
                 self._kept.move_to_end(vid)
                 return self._kept[vid]
-            views = _assemble(vid, [s.cache.read(vid) for s in self.streams], self.streams, self.t)
+            views = assemble(vid, [s.cache.read(vid) for s in self.streams], self.streams, self.t)
             for v in views:
                 if v.shape != self.shape:
                     where = ", ".join(str(s.cache.root) for s in self.streams)
@@ -406,7 +406,7 @@ def load_features(
         log.info("features: %s, %s: held in memory", what, limit)
         for vid in scanned:
             # as read where nothing changes (one stream, lengths as cached): no copy at all
-            feats.videos[vid] = _assemble(vid, [s.cache.read(vid) for s in streams], streams, t)
+            feats.videos[vid] = assemble(vid, [s.cache.read(vid) for s in streams], streams, t)
         return feats
     log.info(
         "features: %s, over %s: streamed from the caches batch by batch (read ahead in a "

@@ -110,7 +110,7 @@ def predict_windows(
     return torch.cat(probs).numpy(), weights.float().cpu().numpy()
 
 
-def _video_windows(probs: np.ndarray, groups: np.ndarray, views: bool) -> np.ndarray:
+def video_windows(probs: np.ndarray, groups: np.ndarray, views: bool) -> np.ndarray:
     """(R, M, C) per row -> (N, M, C) per video: the mean of its views, as ``per_video``."""
     r, m, c = probs.shape
     return per_video(probs.reshape(r, m * c), groups, views).reshape(-1, m, c)
@@ -242,7 +242,7 @@ def train_splits(
             ids = [v.video_id for v in parts[p]]
             tables.append(ScoreTable([split] * n, [p] * n, ids, y[p], scores[p]))
             if windowed:
-                per = _video_windows(win[p], groups[p], feats.views)
+                per = video_windows(win[p], groups[p], feats.views)
                 windows.append(WindowScores([split] * n, [p] * n, ids, y[p], per, weights))
         acc = float((scores["test"].argmax(1) == y["test"]).mean())
         log.info(
