@@ -6,6 +6,12 @@ Layout (dvclive's own, in the folder given):
 
     plots/metrics/split<s>/<stage>/loss.tsv   columns step, loss
     plots/metrics/split<s>/<stage>/lr.tsv     columns step, lr; only where the lr changes
+    plots/metrics/split<s>/<stage>/val_top1.tsv   columns step, val_top1; with out-of-fold models
+
+``val_top1`` is the validation curve of the cross-fitting (train.oof_folds >= 2): after each
+epoch, the mean over the fold models of their top-1 on the training videos each held out
+(pipeline/training.py). The fold models train as the split's model does on (k-1)/k of its
+videos, so it is that model's curve on videos it did not see, a little pessimistic.
 
 A learning rate that is the same every epoch of a stage (no ``schedule``, no warm-up: the
 shipped settings) has no curve: DVC draws it as a flat line labelled "0" (Vega's ticks for an
@@ -41,9 +47,12 @@ class CurvesError(ValueError):
     """A train log without the per-epoch records the curves are drawn from; names the split."""
 
 
-def curve_points(train_log: Mapping[str, Any]) -> dict[str, list[tuple[int, str, float, float]]]:
-    """train_log.json's content -> {split: [(step, stage, loss, lr) per epoch]}, step counting
-    the split's epochs over all of its stages in the order they ran (0-based)."""
+def curve_points(
+    train_log: Mapping[str, Any],
+) -> dict[str, list[tuple[int, str, float, float, float | None]]]:
+    """train_log.json's content -> {split: [(step, stage, loss, lr, val_top1 or None) per
+    epoch]}, step counting the split's epochs over all of its stages in the order they ran
+    (0-based)."""
     splits = train_log.get("splits")
     if not isinstance(splits, Mapping) or not splits:
         raise CurvesError("train log has no splits")
@@ -60,7 +69,8 @@ def curve_points(train_log: Mapping[str, Any]) -> dict[str, list[tuple[int, str,
             if not name or os.sep in name or "/" in name:
                 raise CurvesError(f"train log split {split}: {name!r} cannot name a curve file")
         out[split] = [
-            (step, e["stage"], float(e["loss"]), float(e["lr"])) for step, e in enumerate(epochs)
+            (step, e["stage"], float(e["loss"]), float(e["lr"]), e.get("val_top1"))
+            for step, e in enumerate(epochs)
         ]
     return out
 
@@ -100,13 +110,15 @@ def write_curves(train_log: Mapping[str, Any], out: Path) -> list[Path]:
     with _live(out) as live:
         for split, rows in points.items():
             rates: dict[str, set[float]] = {}
-            for _, stage, _, lr in rows:
+            for _, stage, _, lr, _ in rows:
                 rates.setdefault(stage, set()).add(lr)
-            for step, stage, loss, lr in rows:
+            for step, stage, loss, lr, val in rows:
                 live.step = step
                 live.log_metric(f"split{split}/{stage}/loss", loss)
                 if len(rates[stage]) > 1:  # a constant lr has no curve (module docstring)
                     live.log_metric(f"split{split}/{stage}/lr", lr)
+                if val is not None:
+                    live.log_metric(f"split{split}/{stage}/val_top1", float(val))
     files = sorted((out / "plots" / "metrics").rglob("*.tsv"))
     log.info("training curves of %d split(s): %d files under %s", len(points), len(files), out)
     return files

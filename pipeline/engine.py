@@ -219,12 +219,13 @@ class EpochLog:
     """One epoch of ``fit``, as given to its ``on_epoch``: stage "pretrain", "train" or a phase's
     name; epoch: 0-based within the stage; lr: the learning rate of the parameters in no
     ``group_lr`` group that epoch (each group's rate is scaled by the same factor); loss: the
-    epoch's mean loss."""
+    epoch's mean loss; val: what ``fit``'s ``validate`` gave after the epoch (None: not asked)."""
 
     stage: str
     epoch: int
     lr: float
     loss: float
+    val: float | None = None
 
 
 def fit(
@@ -236,6 +237,7 @@ def fit(
     seed: int,
     desc: str = "train",
     on_epoch: Callable[[EpochLog], None] | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
 ) -> list[float]:
     """Train ``model`` on x (N, T, D) (an array or Rows), y (N,) -> mean loss per supervised
     epoch (over all of the head's phases, in order). Deterministic for a seed, and the same for
@@ -244,7 +246,10 @@ def fit(
     Order: the head's ``prepare``; ``pretrain_epochs`` of its ``pretrain_loss`` (constant
     ``pretrain_lr``, every parameter, ``TrainSettings.pretraining``); then the supervised epochs: one phase training every
     parameter on ``head_loss``, or the head's ``phases()``, each with a fresh optimiser and
-    schedule over its own parameters. ``on_epoch``: called after every epoch (pretraining too)."""
+    schedule over its own parameters. ``on_epoch``: called after every epoch (pretraining too).
+    ``validate(model)``: called after every epoch (in eval mode; training mode is restored
+    after it), its value given as ``EpochLog.val``; it must not change the model (``predict``
+    on held-out rows), and the training is then the same as without it."""
     seed_everything(seed)
     rows = as_rows(x)
     yt = torch.as_tensor(y, dtype=torch.long)
@@ -262,7 +267,7 @@ def fit(
         ps = s.pretraining()
         lr = ps.lr
         opt = build_optimizer(model, model.parameters(), ps)
-        losses = _epochs(
+        losses, vals = _epochs(
             model,
             opt,
             ps,
@@ -271,8 +276,9 @@ def fit(
             rows,
             lambda xb, idx: pretrain(xb),
             f"{desc} (pretrain)",
+            validate,
         )
-        _report(on_epoch, "pretrain", lr, [1.0] * s.pretrain_epochs, losses)
+        _report(on_epoch, "pretrain", lr, [1.0] * s.pretrain_epochs, losses, vals)
     staged: Callable[[], list[Phase]] | None = getattr(model, "phases", None)
     if staged is None:
         phases = [Phase("train", None, list(model.parameters()), partial(head_loss, model))]
@@ -291,7 +297,7 @@ def fit(
             )
         opt = build_optimizer(model, phase.params, s)
         factors = lr_factors(s, epochs)  # a fresh schedule in every phase
-        losses = _epochs(
+        losses, vals = _epochs(
             model,
             opt,
             s,
@@ -300,8 +306,9 @@ def fit(
             rows,
             lambda xb, idx, loss=phase.loss: loss(xb, yt[torch.from_numpy(idx)]),
             desc if staged is None else f"{desc} ({phase.name})",
+            validate,
         )
-        _report(on_epoch, phase.name, s.lr, factors, losses)
+        _report(on_epoch, phase.name, s.lr, factors, losses, vals)
         out += losses
     return out
 
@@ -312,10 +319,11 @@ def _report(
     lr: float,
     factors: list[float],
     losses: list[float],
+    vals: list[float | None],
 ) -> None:
     if on_epoch is not None:
-        for e, (f, loss) in enumerate(zip(factors, losses, strict=True)):
-            on_epoch(EpochLog(stage, e, lr * f, loss))
+        for e, (f, loss, val) in enumerate(zip(factors, losses, vals, strict=True)):
+            on_epoch(EpochLog(stage, e, lr * f, loss, val))
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -345,11 +353,14 @@ def _epochs(
     rows: Rows,
     batch_loss: Callable[[Tensor, np.ndarray], Tensor],
     desc: str,
-) -> list[float]:
+    validate: Callable[[nn.Module], float] | None = None,
+) -> tuple[list[float], list[float | None]]:
     """One shuffled mini-batch epoch per entry of ``factors`` (that epoch's learning-rate
     factor, ``set_lr``) minimising ``batch_loss(x (B, T, ...), row numbers (B,))`` over the
-    parameters of ``opt`` -> mean loss per epoch."""
-    losses = []
+    parameters of ``opt`` -> (mean loss per epoch, ``validate(model)`` after each epoch or
+    None)."""
+    losses: list[float] = []
+    vals: list[float | None] = []
     model.train()
     n = len(rows)
     bounds = batch_bounds(n, s.batch_size)
@@ -370,7 +381,9 @@ def _epochs(
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
-    return losses
+        vals.append(None if validate is None else float(validate(model)))
+        model.train()  # as the epochs began: validate's predict left it in eval mode
+    return losses, vals
 
 
 def predict(model: nn.Module, x: np.ndarray | Rows, *, batch_size: int = 256) -> np.ndarray:
@@ -405,6 +418,18 @@ def mean_over_views(probs: np.ndarray, groups: np.ndarray) -> np.ndarray:
     total = np.zeros((len(ids), probs.shape[1]), dtype=np.float64)
     np.add.at(total, inverse, probs)
     return (total / np.bincount(inverse)[:, None]).astype(probs.dtype)
+
+
+def held_out_top1(
+    model: nn.Module, *, x: Rows, y: np.ndarray, groups: np.ndarray | None = None
+) -> float:
+    """Top-1 of ``model`` on rows x (N, T, ...) with labels y (N,); with ``groups`` (N,) the
+    video of each row, per video (the mean of its views' probabilities, as the scores are)."""
+    probs = predict(model, x)
+    if groups is None:
+        return float((probs.argmax(1) == y).mean())
+    _, first = np.unique(groups, return_index=True)  # mean_over_views' video order
+    return float((mean_over_views(probs, groups).argmax(1) == y[first]).mean())
 
 
 def fold_assignment(
@@ -453,12 +478,16 @@ def out_of_fold(
     num_classes: int,
     groups: np.ndarray | None = None,
     score: Callable[[nn.Module, Rows], np.ndarray] | None = None,
+    on_epoch: Callable[[int, EpochLog], None] | None = None,
 ) -> np.ndarray:
     """Cross-fitted probabilities (N, C) for the training rows x (N, T, ...) (an array or
     Rows): each is scored by a model that did not see its video, so late fusion learned on them
     (SVM) is not fitted to over-confident scores. groups: (N,) the video of each row (views); see ``fold_assignment``.
     score: what a fold model gives for its held-out rows, (n, ...) (None: ``predict``, (n, C);
     e.g. per-window scores as well, from the same fold models).
+    on_epoch(fold, EpochLog): every epoch of every fold model, with ``val`` its top-1 on its
+    held-out videos after that epoch (per video: the mean of its views' probabilities), the
+    validation curve of the cross-fitting; the scores are the same with it as without.
     The result stays per row; ``mean_over_views`` gives per-video scores."""
     fold = fold_assignment(y, folds=folds, seed=seed, num_classes=num_classes, groups=groups)
     probs = np.zeros((len(y), num_classes), dtype=np.float32) if score is None else None
@@ -467,8 +496,22 @@ def out_of_fold(
     for f in range(k):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         model = make()
-        fit(model, rows.subset(tr), y[tr], s, seed=seed + 1 + f, desc=f"fold {f + 1}/{k}")
-        got = predict(model, rows.subset(te)) if score is None else score(model, rows.subset(te))
+        held = rows.subset(te)
+        fit(
+            model,
+            rows.subset(tr),
+            y[tr],
+            s,
+            seed=seed + 1 + f,
+            desc=f"fold {f + 1}/{k}",
+            on_epoch=None if on_epoch is None else partial(on_epoch, f),
+            validate=None
+            if on_epoch is None
+            else partial(
+                held_out_top1, x=held, y=y[te], groups=None if groups is None else groups[te]
+            ),
+        )
+        got = predict(model, held) if score is None else score(model, held)
         if probs is None:
             probs = np.zeros((len(y), *got.shape[1:]), dtype=np.float32)
         probs[te] = got

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,7 @@ def train_splits(
             if weights is not None and not np.array_equal(w, weights):
                 raise TrainError(f"{head}: split {split} has other window weights than before")
             weights = w
+        folds: dict[int, list[EpochLog]] = {}  # the fold models' epochs, with their val
         if cfg.oof_folds >= 2:
             train_scores = out_of_fold(
                 make,
@@ -227,6 +229,7 @@ def train_splits(
                 groups=groups["train"] if feats.views else None,
                 # the window scores come from the same fold models, beside the probabilities
                 score=_probs_and_windows if windowed else None,
+                on_epoch=partial(_append_fold, folds),
             )
             if windowed:
                 r = len(train_scores)
@@ -267,9 +270,7 @@ def train_splits(
             "loss_last": losses[-1],
             # every epoch as the loop ran it (pretraining and phases included): its stage,
             # learning rate (schedule, warm-up) and mean training loss; the training curves
-            "epochs": [
-                {"stage": e.stage, "epoch": e.epoch, "lr": e.lr, "loss": e.loss} for e in epochs
-            ],
+            "epochs": _epoch_records(epochs, folds),
             # no seconds here: train_log.json is in the stage's DVC output, whose hash must
             # depend on inputs and params only, or every re-run would re-run fuse and evaluate.
             # The time is in the log line above.
@@ -288,6 +289,27 @@ def train_splits(
             windows[0].weights,
         )
     return out
+
+
+def _append_fold(folds: dict[int, list[EpochLog]], fold: int, epoch: EpochLog) -> None:
+    folds.setdefault(fold, []).append(epoch)
+
+
+def _epoch_records(
+    epochs: Sequence[EpochLog], folds: Mapping[int, Sequence[EpochLog]]
+) -> list[dict[str, Any]]:
+    """train_log.json's epochs: each of the split's model with its stage, lr and mean loss,
+    and, with out-of-fold models (``folds``: {fold: its epochs}), ``val_top1``: the mean over
+    the fold models of their top-1 on their held-out training videos after the same epoch,
+    the cross-validation curve (the fold models train as the split's model does, on
+    (k-1)/k of its videos: same stages and epochs)."""
+    records = [{"stage": e.stage, "epoch": e.epoch, "lr": e.lr, "loss": e.loss} for e in epochs]
+    for i, r in enumerate(records):
+        vals = [f[i].val for f in folds.values() if i < len(f)]
+        if folds and len(vals) == len(folds) and None not in vals:
+            assert all(f[i].stage == r["stage"] for f in folds.values())  # same settings
+            r["val_top1"] = float(np.mean(vals))
+    return records
 
 
 def _probs_and_windows(model: torch.nn.Module, rows: Rows) -> np.ndarray:

@@ -96,16 +96,29 @@ def test_curves_are_written_in_a_git_repository_without_a_commit(
     assert not (tmp_path / ".dvc").exists()  # nor did it `dvc init` the repository
 
 
+def test_the_validation_curve_has_a_file_of_its_own_where_the_log_has_it(tmp_path: Path) -> None:
+    """train_log.json's val_top1 (out-of-fold models' held-out top-1 per epoch)."""
+    log = {"splits": {"1": {"epochs": [
+        {**_epoch("train", 0, 0.001, 1.5), "val_top1": 0.25},
+        {**_epoch("train", 1, 0.001, 1.0), "val_top1": 0.5},
+    ]}}}  # fmt: skip
+    write_curves(log, tmp_path / "c")
+    assert _files(tmp_path / "c") == {
+        "plots/metrics/split1/train/loss.tsv": "step\tloss\n0\t1.5\n1\t1.0\n",
+        "plots/metrics/split1/train/val_top1.tsv": "step\tval_top1\n0\t0.25\n1\t0.5\n",
+    }
+
+
 def test_curve_points_count_steps_over_stages() -> None:
     points = curve_points(LOG)
-    assert [(s, stage) for s, stage, _, _ in points["1"]] == [
+    assert [(s, stage) for s, stage, *_ in points["1"]] == [
         (0, "pretrain"),
         (1, "pretrain"),
         (2, "train"),
         (3, "train"),
         (4, "train"),
     ]
-    assert points["2"][1] == (1, "train", 1.0, 0.0005)
+    assert points["2"][1] == (1, "train", 1.0, 0.0005, None)
 
 
 @pytest.mark.parametrize(
@@ -148,10 +161,14 @@ def test_dvc_plots_show_draws_every_train_stages_curves_and_the_confusion_matrix
         assert [int(p["step"]) for p in points] == [0, 1, 2]
         assert [float(p["loss"]) for p in points] == [e["loss"] for e in epochs]
         assert plot["content"]["encoding"]["x"]["field"] == "step"
+        # the out-of-fold models' validation curve (train.oof_folds 2 in the tiny project)
+        [val] = plots[f"data/curves/{model}/plots/metrics/split1/train/val_top1.tsv"]
+        got = [float(p["val_top1"]) for p in val["content"]["data"]["values"]]
+        assert got == [e["val_top1"] for e in epochs]
     assert plots["data/evaluate/confusion.csv"][0]["type"] == "vega"
     assert plots["data/evaluate/confusion.png"][0]["type"] == "image"
     # nothing else of the curves folders is a plot (the tiny project's lr is constant)
-    assert len({p for p in plots if p.startswith("data/curves/")}) == len(MODELS)
+    assert len({p for p in plots if p.startswith("data/curves/")}) == 2 * len(MODELS)
 
 
 @pytest.mark.slow

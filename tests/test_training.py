@@ -378,3 +378,31 @@ def test_the_log_records_the_learning_rate_of_every_epoch_as_the_schedule_gives_
         loss = [e["loss"] for e in got]
         assert loss[0] == t.log["splits"][split]["loss_first"]
         assert loss[-1] == t.log["splits"][split]["loss_last"]
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_the_log_gives_the_out_of_fold_models_validation_top1_per_epoch(views: bool) -> None:
+    """val_top1 after the last epoch is the mean over the folds of the top-1 of the out-of-fold
+    scores each fold model gave its held-out videos (computed here from the score table and the
+    folds); without out-of-fold models there is no val_top1."""
+    from pipeline.engine import fold_assignment
+
+    m = _manifest(per_class=8)
+    t = _train(m, _features(m, views=views), oof=2)
+    table = t.scores
+    for split in ("1", "2"):
+        epochs = t.log["splits"][split]["epochs"]
+        assert all(0.0 <= e["val_top1"] <= 1.0 for e in epochs)
+        train = [
+            i
+            for i, (s, p) in enumerate(zip(table.split, table.subset, strict=True))
+            if (s, p) == (split, "train")
+        ]
+        y = table.label[train]
+        right = table.scores[train].argmax(1) == y
+        # the train stage's folds: over videos (views kept together), seed train.seed 0
+        fold = fold_assignment(y, folds=2, seed=0, num_classes=2)
+        want = np.mean([right[fold == f].mean() for f in range(2)])
+        assert epochs[-1]["val_top1"] == pytest.approx(want)
+    plain = _train(m, _features(m, views=views), oof=0)
+    assert all("val_top1" not in e for e in plain.log["splits"]["1"]["epochs"])
