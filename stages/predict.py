@@ -25,6 +25,8 @@ from pipeline.predict import PredictError, Prediction, predict_videos
 from pipeline.predict_features import RunSettingsError
 from pipeline.predict_io import csv_videos, folder_videos, write_predictions
 
+log = logging.getLogger(__name__)
+
 
 def batch_sizes(params: Path) -> dict[str, int]:
     """features.<stream>.batch_size of the run's params.yaml, when there is one: the caches do
@@ -33,7 +35,15 @@ def batch_sizes(params: Path) -> dict[str, int]:
     try:
         features = yaml.safe_load(params.read_text()).get("features", {})
         return {s: int(c["batch_size"]) for s, c in features.items() if "batch_size" in c}
-    except (OSError, AttributeError, TypeError, ValueError, yaml.YAMLError):
+    except (OSError, AttributeError, TypeError, ValueError, yaml.YAMLError) as e:
+        # not an error (the features are the same to ~1e-6), but said: they may then differ
+        # from the caches' in their last bits
+        log.warning(
+            "%s: cannot read features.<stream>.batch_size (%s): the features batch size "
+            "defaults, and the features may differ from the run's caches in the last bits",
+            params,
+            e,
+        )
         return {}
 
 

@@ -159,3 +159,16 @@ def test_a_run_without_its_plan_is_refused_naming_the_file(proj: Path, tmp_path:
     (run / "decode" / "plan.json").unlink()
     with pytest.raises(SystemExit, match=r"predict: .*decode/plan.json: cannot read"):
         predict_stage.cli(["--run", str(run), "--out", str(tmp_path / "o"), str(REAL[0])])
+
+
+def test_an_unreadable_params_file_is_said_not_silently_defaulted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The features batch size decides the features' last bits on the CPU: without the run's
+    params.yaml it defaults, and the log says so, naming the file."""
+    missing = tmp_path / "params.yaml"
+    with caplog.at_level("WARNING"):
+        assert predict_stage.batch_sizes(missing) == {}
+    assert str(missing) in caplog.text and "last bits" in caplog.text
+    missing.write_text("features: {rgb: {batch_size: 8}, flow: {batch_size: 4}}\n")
+    assert predict_stage.batch_sizes(missing) == {"rgb": 8, "flow": 4}
