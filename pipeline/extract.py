@@ -218,6 +218,61 @@ def forward_batched(
         yield from step(final=True)
 
 
+@dataclass(frozen=True)
+class FeatureModel:
+    """A features backbone ready to run: the Backbone (its weights id, mean and std, kind),
+    the module to call and the memory format its inputs take."""
+
+    backbone: Backbone
+    model: nn.Module
+    fmt: torch.memory_format
+
+
+def feature_model(
+    cfg: StreamFeaturesConfig, *, stream: str, in_channels: int, device: torch.device
+) -> FeatureModel:
+    """The backbone of ``cfg`` for ``stream`` inputs of ``in_channels`` channels (a stack of L
+    flow fields: 2L), as the features stage runs it. Raises WeightsError when the weights
+    cannot be had."""
+    # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
+    bb = build_backbone(
+        cfg.backbone,
+        weights=cfg.weights,
+        in_channels=2 if stream == "flow" and is_3d(cfg.backbone) else in_channels,
+        output=cfg.output,
+        taps=cfg.taps,
+    )
+    # batch norms folded into the convolutions, and channels_last, which lets oneDNN (CPU) and
+    # cuDNN (GPU) pick their fast NHWC convolution kernels
+    model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
+    if cfg.compile:
+        model = Compiled(model)
+    return FeatureModel(bb, model, memory_format(bb.kind))
+
+
+def video_features(
+    fm: FeatureModel,
+    inputs: Iterable[tuple[str, Tensor, int]],
+    *,
+    cfg: StreamFeaturesConfig,
+    device: torch.device,
+    precision: str,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(video id, its input, n) per video (``VideoInputs``' items that decoded) -> (video id,
+    its cache entry) in input order: the inputs moved to ``device`` in the backbone's memory
+    format, batched (``forward_batched``) and arranged (``arrange``) under ``precision``."""
+    sizes: dict[str, int] = {}
+
+    def moved() -> Iterator[tuple[str, Tensor]]:
+        for vid, x, n in inputs:
+            sizes[vid] = n
+            yield vid, x.to(device, non_blocking=True).contiguous(memory_format=fm.fmt)
+
+    with torch.inference_mode(), inference_context(device, precision):
+        for vid, feats in forward_batched(fm.model, moved(), batch_size=cfg.batch_size):
+            yield vid, arrange(feats, n=sizes.pop(vid), cfg=cfg)
+
+
 def arrange(out: Tensor, *, n: int, cfg: StreamFeaturesConfig) -> np.ndarray:
     """Network outputs of one video (V*n, *F) -> its cache entry, float16:
     (T, *F), or (V, T, *F) with views kept. ten_mean averages the crops (Res-LSTM eq. 5:
@@ -316,21 +371,9 @@ def extract_features(
     torch.set_num_threads(world.cores(cfg.threads))
     upstream = read_upstream(stream=stream, source=source)
     check_upstream(cfg, stream=stream, upstream=upstream)
-    # a 3D backbone reads 2-channel flow fields per time step, a 2D one a stack of L fields
-    bb = build_backbone(
-        cfg.backbone,
-        weights=cfg.weights,
-        in_channels=2 if stream == "flow" and is_3d(cfg.backbone) else upstream.in_channels,
-        output=cfg.output,
-        taps=cfg.taps,
-    )
+    fm = feature_model(cfg, stream=stream, in_channels=upstream.in_channels, device=device)
+    bb = fm.backbone
     precision = resolve_precision(cfg.precision, device)
-    # batch norms folded into the convolutions, and channels_last, which lets oneDNN (CPU) and
-    # cuDNN (GPU) pick their fast NHWC convolution kernels
-    fmt = memory_format(bb.kind)
-    model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
-    if cfg.compile:
-        model = Compiled(model)
     attrs = cache_attrs(
         cfg, bb, stream=stream, precision=precision, device=device.type, upstream=upstream.identity
     )
@@ -361,9 +404,8 @@ def extract_features(
             multiprocessing_context=_START if workers else None,
             pin_memory=device.type == "cuda",
         )
-        sizes: dict[str, int] = {}
 
-        def decoded() -> Iterator[tuple[str, Tensor]]:
+        def decoded() -> Iterator[tuple[str, Tensor, int]]:
             desc = f"features ({stream}, {cfg.backbone})"
             if world.size > 1:
                 desc += f" rank {world.rank}/{world.size}"
@@ -373,11 +415,10 @@ def extract_features(
                     path = plan.videos[vid].path if plan else str(upstream.made)
                     run.fail(Failure(vid, path, "features", err))
                     continue
-                sizes[vid] = n
-                yield vid, x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                yield vid, x, n
 
-        with torch.inference_mode(), inference_context(device, precision):
-            for vid, feats in forward_batched(model, decoded(), batch_size=cfg.batch_size):
-                entry = arrange(feats, n=sizes.pop(vid), cfg=cfg)
-                run.write(vid, entry, {"source": upstream.sources[vid]})
+        for vid, entry in video_features(
+            fm, decoded(), cfg=cfg, device=device, precision=precision
+        ):
+            run.write(vid, entry, {"source": upstream.sources[vid]})
     return run.finish(f"features ({stream})", failures_file)

@@ -51,6 +51,32 @@ class PlannedVideo:
         """The windows ``settings`` sample from this video (``sampling``)."""
         return sampling(settings, self.frames)
 
+    @classmethod
+    def probed(
+        cls,
+        video_id: str,
+        path: str,
+        settings: DecodeConfig,
+        *,
+        frames: int,
+        source: str,
+        width: int,
+        height: int,
+    ) -> PlannedVideo:
+        """The plan entry of a video probed at ``frames`` frames of ``width`` x ``height``,
+        bytes of sha256 ``source``: the points the decode ``settings`` sample from it."""
+        sp = sampling(settings, frames)
+        return cls(
+            video_id=video_id,
+            path=path,
+            frames=frames,
+            looped=sp.looped,
+            points=sp.points.tolist(),
+            source=source,
+            width=width,
+            height=height,
+        )
+
 
 @dataclass(frozen=True)
 class Plan:

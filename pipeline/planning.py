@@ -30,7 +30,7 @@ from pipeline.journal import (
     on_primary,
     remove_journal,
 )
-from pipeline.plan import Plan, PlannedVideo, sampling, write_plan
+from pipeline.plan import Plan, PlannedVideo, write_plan
 from pipeline.probe_memo import memo_path, seed_journal, write_memo
 from pipeline.probes import read_probes
 from pipeline.runner import Counts, Failure, finish
@@ -74,14 +74,12 @@ def _candidates(cfg: DecodeConfig, manifest: Path, probe: Path, out: Path) -> li
     for v in sorted(read_manifest(manifest).videos, key=lambda v: v.video_id):
         # probe.csv holds only videos that decoded at least one frame, so every one has a plan
         p = probes[v.video_id]
-        sp = sampling(cfg, p.frames)
         candidates.append(
-            PlannedVideo(
-                video_id=v.video_id,
-                path=str(v.path),
+            PlannedVideo.probed(
+                v.video_id,
+                str(v.path),
+                cfg,
                 frames=p.frames,
-                looped=sp.looped,
-                points=sp.points.tolist(),
                 source=p.sha256,
                 width=p.width,
                 height=p.height,

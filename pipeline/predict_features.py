@@ -3,9 +3,10 @@
 The settings come from what the run recorded, never from params.yaml: the decode settings and
 decoder of its plan.json, the flow settings of its flow cache's metadata, and each features
 cache's params identity, weights and precision. The work goes through the functions the stages
-call: ``pipeline.video.probe`` and ``pipeline.plan.sampling`` (prepare, decode),
-``pipeline.flow.video_flow`` (flow), and ``VideoInputs`` -> ``forward_batched`` -> ``arrange``
-(pipeline/extract.py, features), the flow stacks passing through a flow cache as in the stages.
+call: ``pipeline.video.probe`` and ``PlannedVideo.probed`` (prepare, decode),
+``pipeline.flow.video_flow`` (flow), and ``feature_model``, ``VideoInputs`` and
+``video_features`` (pipeline/extract.py, features), the flow stacks passing through a flow
+cache as in the stages.
 A setting that cannot be recovered, or caches that do not agree with the plan, are refused
 (RunSettingsError naming the file and the reason).
 """
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.backbones import build_backbone, is_3d
 from pipeline.cache import CacheError, open_cache
 from pipeline.config import (
     ConfigError,
@@ -31,18 +31,12 @@ from pipeline.config import (
     StreamFeaturesConfig,
     TVL1Config,
 )
-from pipeline.extract import VideoInputs, arrange, forward_batched
+from pipeline.extract import VideoInputs, feature_model, video_features
 from pipeline.fingerprint import file_sha256
 from pipeline.flow import RAFT_ALGORITHMS, flow_settings, video_flow
 from pipeline.identity import params_identity
-from pipeline.inference import (
-    Compiled,
-    inference_context,
-    inference_model,
-    memory_format,
-    resolve_precision,
-)
-from pipeline.plan import Plan, PlanError, PlannedVideo, read_plan, sampling
+from pipeline.inference import resolve_precision
+from pipeline.plan import Plan, PlanError, PlannedVideo, read_plan
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +170,11 @@ def plan_video(video_id: str, path: Path, plan: Plan) -> PlannedVideo:
     from pipeline.video import probe
 
     info = probe(path)
-    sp = sampling(plan.settings, info.frames)
-    return PlannedVideo(
-        video_id=video_id,
-        path=str(path),
+    return PlannedVideo.probed(
+        video_id,
+        str(path),
+        plan.settings,
         frames=info.frames,
-        looped=sp.looped,
-        points=sp.points.tolist(),
         source=file_sha256(path),
         width=info.width,
         height=info.height,
@@ -222,26 +214,16 @@ def extract_stream(
     float16, as the features stage writes it (extract_features); failures go to ``failed``."""
     cfg, attrs = rf.configs[stream], rf.attrs[stream]
     in_ch = 3 if stream == "rgb" else 2 * plan.settings.flow_pairs
-    bb = build_backbone(
-        cfg.backbone,
-        weights=cfg.weights,
-        in_channels=2 if stream == "flow" and is_3d(cfg.backbone) else in_ch,
-        output=cfg.output,
-        taps=cfg.taps,
-    )
-    if bb.weights_id != attrs.get("weights"):
+    fm = feature_model(cfg, stream=stream, in_channels=in_ch, device=device)
+    if fm.backbone.weights_id != attrs.get("weights"):
         raise RunSettingsError(
             f"features/{stream}/cache: made with weights {attrs.get('weights')!r}; here "
-            f"{cfg.weights!r} gives {bb.weights_id!r}"
+            f"{cfg.weights!r} gives {fm.backbone.weights_id!r}"
         )
     try:
         precision = resolve_precision(str(attrs.get("precision", cfg.precision)), device)
     except ValueError as e:
         raise RunSettingsError(f"features/{stream}/cache: {e}") from None
-    fmt = memory_format(bb.kind)
-    model = inference_model(bb.model, kind=bb.kind, in_channels=bb.in_channels, device=device)
-    if cfg.compile:
-        model = Compiled(model)
     ids = [v for v in sorted(plan.videos) if v not in failed]  # flow: those in flow_cache
     data = VideoInputs(
         cfg,
@@ -249,25 +231,19 @@ def extract_stream(
         ids=ids,
         plan=plan if stream == "rgb" else None,
         flow_cache=flow_cache if stream == "flow" else None,
-        mean=bb.mean,
-        std=bb.std,
+        mean=fm.backbone.mean,
+        std=fm.backbone.std,
     )
-    sizes: dict[str, int] = {}
 
-    def decoded() -> Iterator[tuple[str, Tensor]]:
+    def decoded() -> Iterator[tuple[str, Tensor, int]]:
         for i in range(len(data)):
             vid, x, n, err = data[i]
             if err:
                 failed[vid] = f"features ({stream}): {err}"
                 continue
-            sizes[vid] = n
-            yield vid, x.to(device).contiguous(memory_format=fmt)
+            yield vid, x, n
 
-    out = {}
-    with torch.inference_mode(), inference_context(device, precision):
-        for vid, feats in forward_batched(model, decoded(), batch_size=cfg.batch_size):
-            out[vid] = arrange(feats, n=sizes.pop(vid), cfg=cfg)
-    return out
+    return dict(video_features(fm, decoded(), cfg=cfg, device=device, precision=precision))
 
 
 def new_video_features(
