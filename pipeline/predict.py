@@ -58,6 +58,7 @@ class Choice:
     models: tuple[str, ...]  # every trained input of the head: rgb, flow, rgb+flow
     fused_streams: tuple[str, ...]  # the inputs the fusion takes (sorted), or (fusion,)
     splits: tuple[str, ...]
+    saved: dict[str, Any] | None = None  # the fusion's fusion.json (read_fusion); None: a model
 
 
 @dataclass
@@ -141,9 +142,11 @@ def choose(
     models = _trained_inputs(run, head)
     doc_path = run / "fuse" / f"{head}-{fusion}" / FUSION_FILE
     is_fusion = fusion not in models
+    saved = None
     if is_fusion:
         try:
-            fused_streams = tuple(read_fusion(doc_path)["streams"])
+            saved = read_fusion(doc_path)
+            fused_streams = tuple(saved["streams"])
         except FusionFileError as e:
             raise PredictError(
                 f"{e} (--fusion {fusion}: a fusion method, or one of {models})"
@@ -164,7 +167,7 @@ def choose(
     missing = [s for s in wanted if s not in have]
     if missing:
         raise PredictError(f"--split {missing[0]}: {head} has models of splits {have}")
-    return Choice(head, fusion, is_fusion, tuple(models), fused_streams, wanted)
+    return Choice(head, fusion, is_fusion, tuple(models), fused_streams, wanted, saved)
 
 
 def _model_probs(
@@ -249,8 +252,8 @@ def predict_videos(
                     f"{info.path}: other classes than {loaded[choice.models[0]][0][1].path}"
                 )
     specs = {}
-    if choice.is_fusion:
-        doc = read_fusion(run / "fuse" / f"{choice.head}-{choice.fusion}" / FUSION_FILE)
+    if choice.saved is not None:
+        doc = choice.saved
         specs = {s: doc["splits"][s] for s in choice.splits if s in doc["splits"]}
         if len(specs) != len(choice.splits):
             raise PredictError(

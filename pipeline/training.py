@@ -160,19 +160,20 @@ def train_splits(
         return build_head(head, in_dim=in_dim, num_classes=num_classes, **model_kwargs)
 
     out = Trained(log={"head": head, "stream": stream, "features": feats.backbones, "splits": {}})
+    # the settings it was trained with, as the stage took them (a joint stage's joint.<head>
+    # applied over heads.<head>), so a model and its log say what it is without params.yaml
+    params = {k: head_params[k] for k in sorted(head_params)}
     # what a checkpoint needs to rebuild the model and feed it (pipeline/models.py)
     out.model = {
         "head": head,
         "stream": stream,
-        "params": {k: head_params[k] for k in sorted(head_params)},
+        "params": params,
         "kwargs": {"in_dim": in_dim, "num_classes": num_classes, **model_kwargs},
         "classes": list(manifest.classes),
         "features": [dict(f) for f in identity],
         "steps": feats.steps,
     }
-    # the settings it was trained with, as the stage took them (a joint stage's joint.<head>
-    # applied over heads.<head>), so a model's log says what it is without params.yaml
-    out.log["params"] = {k: head_params[k] for k in sorted(head_params)}
+    out.log["params"] = params
     # the T of every sequence (train.steps), recorded always: a head's results depend on it
     out.log["steps"] = feats.steps
     if feats.resampled:
