@@ -195,3 +195,10 @@ def std_over_splits(per_split: Mapping[str, Accuracy]) -> Spread | None:
         top5=std([a.top5 for a in accs]),
         mean_class=std([a.mean_class for a in accs]),
     )
+
+
+def best_by_top1(accs: Mapping[str, Mapping]) -> str:
+    """{name: accuracy summary with "top1"} -> the name of the highest top-1, ties to the
+    first name in sorted order: the evaluation's "best" model (evaluate.confusion), the
+    summary's best fusion and best model, and predict's default fusion of a head."""
+    return max(sorted(accs), key=lambda n: accs[n]["top1"])

@@ -32,6 +32,7 @@ from pipeline.engine import predict
 from pipeline.fusion_saved import FILE as FUSION_FILE
 from pipeline.fusion_saved import FusionFileError, apply_fusion, read_fusion
 from pipeline.inference import resolve_device
+from pipeline.metrics import best_by_top1
 from pipeline.models import ModelInfo, load_model
 from pipeline.predict_features import new_video_features, read_run_features
 from pipeline.streams import StreamError, assemble, open_streams, per_video
@@ -137,7 +138,7 @@ def choose(
             mine = metrics.get("fusion", {}).get(head) or metrics.get("streams", {}).get(head)
             if not mine:
                 raise PredictError(f"{run / 'evaluate' / 'metrics.json'}: no results of {head}")
-            fusion = max(sorted(mine), key=lambda k: mine[k]["top1"])  # as evaluate's "best"
+            fusion = best_by_top1(mine)
     assert fusion is not None
     models = _trained_inputs(run, head)
     doc_path = run / "fuse" / f"{head}-{fusion}" / FUSION_FILE

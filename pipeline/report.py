@@ -32,6 +32,7 @@ from pipeline.datasets import read_manifest
 from pipeline.demo import class_groups as demo_class_groups
 from pipeline.metrics import (
     accuracy,
+    best_by_top1,
     confusion,
     mean_over_splits,
     per_class_accuracy,
@@ -175,11 +176,11 @@ def summary_rows(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for head, accs in sorted(metrics["fusion"].items()):
         if not accs:
             continue
-        method = max(sorted(accs), key=lambda m: accs[m]["top1"])
+        method = best_by_top1(accs)
         rows[f"{head}-fused"] = _summary_row(accs[method], f"{head}/{method}")
         every.update({f"{head}/{m}": acc for m, acc in accs.items()})
     if every:
-        best = max(sorted(every), key=lambda n: every[n]["top1"])
+        best = best_by_top1(every)
         rows["best"] = _summary_row(every[best], best)
     return rows
 
@@ -241,7 +242,7 @@ def build_report(
             [per_class_accuracy(t.scores, t.label, num_classes=c) for t in tests], axis=0
         )
     if cfg.confusion == "best":
-        chosen = max(sorted(fusions or models), key=lambda n: summaries[n]["top1"])
+        chosen = best_by_top1({n: summaries[n] for n in fusions or models})
     else:
         chosen = cfg.confusion
         if chosen not in models:
